@@ -1,0 +1,32 @@
+# make setup                  fresh machine: virtualenv + everything (CPU torch wheel first if no torch)
+# make compare TASK=finance   the main job on the default model (smollm2-135m-instruct)
+# make test                   the test suite (what .ci/run runs)
+VENV    ?= .venv
+TASK    ?= finance
+MODEL   ?= smollm2-135m-instruct
+METHODS ?= full,qlora
+PROFILE ?=
+RUN_ID  ?=
+# Datasets come from the hub unless a mirror is named; ../shared/hf-mirror is used when it exists.
+HARNESS_MIRROR ?= $(wildcard ../shared/hf-mirror)
+export HARNESS_MIRROR
+
+.PHONY: setup compare report test test-fast clean
+setup:
+	bash scripts/setup.sh $(VENV)
+
+compare:
+	$(VENV)/bin/harness compare --task $(TASK) --model $(MODEL) --methods $(METHODS) \
+		$(if $(PROFILE),--profile $(PROFILE)) $(if $(RUN_ID),--run-id $(RUN_ID))
+
+report:
+	$(VENV)/bin/harness report $(RUN)
+
+test:
+	$(VENV)/bin/python -m pytest -q
+
+test-fast:
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf work

