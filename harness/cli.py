@@ -32,23 +32,41 @@ def cli():
     (Q)LoRA, with lm-eval benchmarks before and after, memory, time and storage."""
 
 
+def run_options(fn):
+    """Options shared by compare and sweep (sqlite-utils style reusable decorators)."""
+    options = [
+        click.option("--task", default="finance", show_default=True, help="Task file: tasks/<TASK>.yaml, or a path."),
+        click.option("--model", default="smollm2-135m-instruct", show_default=True,
+                     help="Hub id, local HF-format directory, or the alias smollm2-135m-instruct."),
+        click.option("--profile", type=click.Choice(PROFILES), default=None,
+                     help="quick (CPU-sized: subsampled, per-task limit) or full (all data). "
+                          "Default: quick on CPU, full on GPU."),
+        click.option("--mirror", type=click.Path(file_okay=False), default=None, envvar="HARNESS_MIRROR",
+                     help="Local dataset mirror (<hub id>/<config>/<split>.jsonl). Env: HARNESS_MIRROR."),
+        click.option("--run-id", default=None, help="Name of the run directory; re-using one resumes it."),
+        click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=PROJECT_ROOT / "results", show_default="results/", help="Where reports go."),
+        click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=PROJECT_ROOT / "work",
+                     show_default="work/", help="Where checkpoints and adapters go (git-ignored)."),
+        click.argument("overrides", nargs=-1),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _spec(methods, **kw):
+    from harness.pipeline import CompareSpec
+
+    kw["overrides"] = tuple(kw["overrides"])
+    return CompareSpec(methods=methods, **kw)
+
+
 @cli.command()
-@click.option("--task", default="finance", show_default=True, help="Task file: tasks/<TASK>.yaml, or a path.")
-@click.option("--model", default="smollm2-135m-instruct", show_default=True,
-              help="Hub id, local HF-format directory, or the alias smollm2-135m-instruct.")
 @click.option("--methods", default="full,qlora", show_default=True, callback=_methods,
               help=f"Comma-separated arms to train besides the base: {', '.join(METHODS)}.")
-@click.option("--profile", type=click.Choice(PROFILES), default=None,
-              help="quick (CPU-sized: subsampled, per-task limit) or full (all data). Default: quick on CPU, full on GPU.")
-@click.option("--mirror", type=click.Path(file_okay=False), default=None, envvar="HARNESS_MIRROR",
-              help="Local dataset mirror (<hub id>/<config>/<split>.jsonl). Env: HARNESS_MIRROR.")
-@click.option("--run-id", default=None, help="Name of the run directory; re-using one resumes it.")
-@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=PROJECT_ROOT / "results",
-              show_default="results/", help="Where reports go.")
-@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=PROJECT_ROOT / "work",
-              show_default="work/", help="Where checkpoints and adapters go (git-ignored).")
-@click.argument("overrides", nargs=-1)
-def compare(task, model, methods, profile, mirror, run_id, results_dir, work_dir, overrides):
+@run_options
+def compare(methods, **kw):
     """Fine-tune one base with each method, evaluate base and arms, write a report.
 
     OVERRIDES are dotted task-config settings, e.g. training.epochs=2 methods.full.learning_rate=1e-5.
@@ -57,12 +75,38 @@ def compare(task, model, methods, profile, mirror, run_id, results_dir, work_dir
 
         HARNESS_MIRROR=../shared/hf-mirror harness compare --task finance --methods full,qlora --profile quick
     """
-    from harness.pipeline import CompareSpec, compare as run_compare
+    from harness.pipeline import compare as run_compare
 
-    spec = CompareSpec(task=task, model=model, methods=methods, profile=profile, mirror=mirror, run_id=run_id,
-                       results_dir=results_dir, work_dir=work_dir, overrides=tuple(overrides))
-    run_dir = _guard(run_compare, spec)
-    click.echo(run_dir / "report.md")
+    click.echo(_guard(run_compare, _spec(methods, **kw)) / "report.md")
+
+
+@cli.command()
+@click.option("--methods", default="qlora", show_default=True, callback=_methods,
+              help="Methods the grid is crossed with.")
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2",
+              help="A task-config field and its values, e.g. lora.r=8,16,64; repeatable.")
+@click.option("--grid-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="YAML with methods: [...] and grid: {key.path: [values]}.")
+@run_options
+def sweep(methods, grid, grid_file, **kw):
+    """Train and evaluate one arm per grid point; plot learning against forgetting.
+
+    Example:
+
+        harness sweep --task finance --methods qlora,full --grid lora.r=8,16,64 --grid training.epochs=1,2
+    """
+    from harness.pipeline import compare as run_compare
+    from harness.sweep import arms_from_grid, load_grid_file, parse_grid
+
+    def expand():
+        file_methods, file_grid = load_grid_file(grid_file) if grid_file else ([], {})
+        points = {**file_grid, **parse_grid(list(grid))}
+        if not points:
+            raise HarnessError("sweep: give at least one --grid KEY=V1,V2 or a --grid-file")
+        return arms_from_grid(list(file_methods or methods), points)
+
+    arms = _guard(expand)
+    click.echo(_guard(run_compare, _spec(tuple(a.method for a in arms), **kw), arms) / "report.md")
 
 
 @cli.command()

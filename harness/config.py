@@ -97,9 +97,10 @@ class Profile:
     eval_batch_size: int = _help("lm-eval batch size", default=8)
     batch_size: int | None = _help("effective training batch for this profile; null = training.batch_size", default=None)
     max_steps: int | None = _help("cap on optimizer steps; null = from epochs", default=None)
+    perplexity_limit: int | None = _help("documents of the suite's perplexity task; null = all", default=None)
 
     def __post_init__(self):
-        for name in ("train_examples", "limit", "max_steps", "batch_size"):
+        for name in ("train_examples", "limit", "max_steps", "batch_size", "perplexity_limit"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise HarnessError(f"profiles.*.{name}: must be a positive number or null, got {v}")
@@ -146,11 +147,23 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class PerplexityTask:
+    task: str = _help("lm-eval loglikelihood_rolling task, e.g. wikitext")
+    batch_size: int = _help("its own batch: rolling windows of the full context are memory-hungry", default=1)
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise HarnessError(f"perplexity.batch_size: must be > 0, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
 class SuiteConfig:
     name: str = _help("suite name")
     tasks: list[EvalTask] = _help("lm-eval tasks and the metric that counts for each")
     description: str = _help("one line for the report", default="")
     num_fewshot: int = _help("few-shot examples per prompt", default=0)
+    perplexity: PerplexityTask | None = _help("a continuous signal beside the accuracies (word perplexity, bits per byte)",
+                                              default=None)
 
     def __post_init__(self):
         if not self.tasks:

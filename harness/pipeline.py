@@ -41,6 +41,15 @@ class CompareSpec:
     overrides: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tuned variant: a method plus task-config overrides (a sweep's grid point)."""
+
+    name: str
+    method: str
+    overrides: tuple[str, ...] = ()
+
+
 def log(msg: str) -> None:
     print(f"[harness {datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -49,22 +58,27 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def plan(spec: CompareSpec) -> dict:
+def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     """Everything that can be checked before a weight is loaded (torchtune: fail before the GPU)."""
     task: TaskConfig = load_task(spec.task, list(spec.overrides))
     suite: SuiteConfig = load_suite(task.suite)
-    for m in spec.methods:
-        if m not in METHODS:
-            raise HarnessError(f"--methods: unknown method '{m}'; valid: {', '.join(METHODS)}")
-        if m not in task.methods:
-            raise HarnessError(f"--methods: '{m}' has no settings under methods: in the task file of {task.name}")
-    if len(set(spec.methods)) != len(spec.methods):
-        raise HarnessError(f"--methods: listed twice in {','.join(spec.methods)}")
+    for arm in arms:
+        if arm.method not in METHODS:
+            raise HarnessError(f"--methods: unknown method '{arm.method}'; valid: {', '.join(METHODS)}")
+        if arm.method not in task.methods:
+            raise HarnessError(f"--methods: '{arm.method}' has no settings under methods: in the task file of {task.name}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,-]{0,150}", arm.name) or arm.name == "base":
+            raise HarnessError(f"arm name {arm.name!r}: use letters, digits and . _ = , - only")
+        load_task(spec.task, [*spec.overrides, *arm.overrides])  # each grid point must be a valid config
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise HarnessError(f"--methods: listed twice in {','.join(names)}")
     profile_name = spec.profile or ("full" if models.device_kind() == "cuda" else "quick")
     if profile_name not in task.profiles:
         raise HarnessError(f"--profile {profile_name}: not defined under profiles: of task {task.name}")
     mirror = mirror_dir(spec.mirror)
-    evaluate.check_tasks([t.task for t in suite.tasks] + [t.task for t in task.in_domain] + [task.train.format_task])
+    ppl = [suite.perplexity.task] if suite.perplexity else []
+    evaluate.check_tasks([t.task for t in suite.tasks] + [t.task for t in task.in_domain] + [task.train.format_task] + ppl)
     run_id = spec.run_id or f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{profile_name}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", run_id):
         raise HarnessError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only")
@@ -81,24 +95,26 @@ def plan(spec: CompareSpec) -> dict:
             "work_dir": Path(spec.work_dir) / task.name / run_id}
 
 
-def compare(spec: CompareSpec) -> Path:
-    """Run the whole comparison; returns the run directory (report.md inside)."""
-    p = plan(spec)
+def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
+    """Run the whole comparison; returns the run directory (report.md inside).
+
+    `arms` defaults to one arm per method; `harness sweep` passes one per grid point."""
+    arms = arms if arms is not None else [Arm(m, m) for m in spec.methods]
+    p = plan(spec, arms)
     task, suite, profile, mirror, run_dir = p["task"], p["suite"], p["profile"], p["mirror"], p["run_dir"]
-    log(f"run {p['run_id']}: task {task.name}, suite {suite.name}, methods {','.join(spec.methods)}, "
+    log(f"run {p['run_id']}: task {task.name}, suite {suite.name}, arms {','.join(a.name for a in arms)}, "
         f"profile {p['profile_name']} (limit {profile.limit}, train examples {profile.train_examples})")
 
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     resolved = models.resolve_model(spec.model)
-    timings["resolve_model"] = time.perf_counter() - t0
     log(f"model {resolved.name}: {resolved.detail}")
 
     suite_tasks = [t.task for t in suite.tasks]
     domain_tasks = [t.task for t in task.in_domain]
     eval_tasks = suite_tasks + [t for t in domain_tasks if t not in suite_tasks]
     config = {
-        "run_id": p["run_id"], "task": to_dict(task), "suite": to_dict(suite), "methods": list(spec.methods),
+        "run_id": p["run_id"], "task": to_dict(task), "suite": to_dict(suite), "methods": [a.name for a in arms],
+        "arms": {a.name: {"method": a.method, "overrides": list(a.overrides)} for a in arms},
         "profile": {"name": p["profile_name"], **to_dict(profile)}, "model": resolved.to_dict(),
         "mirror": str(mirror) if mirror else None, "overrides": list(spec.overrides),
         "device": models.device_kind(), "environment": environment(),
@@ -107,51 +123,69 @@ def compare(spec: CompareSpec) -> Path:
     write_json(run_dir / "config.json", config)
     eval_kw = dict(mirror=mirror, limit=profile.limit, batch_size=profile.eval_batch_size,
                    num_fewshot=suite.num_fewshot, seed=task.training.seed)
-    common = {"model": resolved.path, "tasks": eval_tasks, "eval": {k: v for k, v in eval_kw.items() if k != "mirror"}}
+    ppl_kw = None
+    if suite.perplexity is not None:  # its own batch size: rolling windows of full context are memory-hungry
+        ppl_kw = dict(mirror=mirror, limit=profile.perplexity_limit, batch_size=suite.perplexity.batch_size,
+                      num_fewshot=0, seed=task.training.seed)
+    common = {"model": resolved.path, "tasks": eval_tasks, "eval": {k: v for k, v in eval_kw.items() if k != "mirror"},
+              "perplexity": [suite.perplexity and suite.perplexity.task, ppl_kw and ppl_kw["limit"]]}
+
+    def evaluate_arm(name: str, model, inputs: str, train_stats: dict | None) -> None:
+        log(f"{name}: evaluating {len(eval_tasks)} tasks")
+        tokenizer = models.load_tokenizer(resolved.path)
+        ev = evaluate.evaluate(model, tokenizer, eval_tasks, **eval_kw)
+        log(f"{name}: evaluated in {ev['seconds']:.0f}s")
+        ppl = None
+        if ppl_kw is not None:
+            pv = evaluate.evaluate(model, tokenizer, [suite.perplexity.task], **ppl_kw)
+            ppl = {**pv["results"][suite.perplexity.task], "n": pv["n"][suite.perplexity.task],
+                   "seconds": pv["seconds"], "task": suite.perplexity.task}
+            log(f"{name}: {suite.perplexity.task} word perplexity {ppl.get('word_perplexity', float('nan')):.2f} "
+                f"({ppl['n']} documents, {pv['seconds']:.0f}s)")
+        _record(run_dir, name, inputs, ev, train_stats=train_stats, perplexity=ppl)
 
     # Base: the untouched model, evaluated once.
     inputs = _hash(common)
     if _done(run_dir, "base", inputs):
         log("base: evaluation recorded for these inputs, reused")
     else:
-        log(f"base: evaluating {len(eval_tasks)} tasks")
-        tokenizer = models.load_tokenizer(resolved.path)
         model = models.load_base(resolved.path)
-        ev = evaluate.evaluate(model, tokenizer, eval_tasks, **eval_kw)
-        _record(run_dir, "base", inputs, ev, train_stats=None)
-        log(f"base: evaluated in {ev['seconds']:.0f}s")
+        evaluate_arm("base", model, inputs, None)
         del model
         gc.collect()
 
-    # Arms: same examples for all; each trained, saved to the work dir, then evaluated.
-    examples = None
-    for method in spec.methods:
-        inputs = _hash({**common, "method": method, "task": to_dict(task), "profile": to_dict(profile)})
-        if _done(run_dir, method, inputs):
-            log(f"{method}: training and evaluation recorded for these inputs, reused")
+    # Arms: same examples for all (unless an arm's overrides change the data); each trained, saved to
+    # the work dir, then evaluated.
+    examples_cache: dict[str, tuple[list, dict]] = {}
+    for arm in arms:
+        arm_task = load_task(spec.task, [*spec.overrides, *arm.overrides])
+        inputs = _hash({**common, "method": arm.method, "task": to_dict(arm_task), "profile": to_dict(profile)})
+        if _done(run_dir, arm.name, inputs):
+            log(f"{arm.name}: training and evaluation recorded for these inputs, reused")
             continue
-        if examples is None:
+        data_key = _hash([to_dict(arm_task.train), arm_task.training.seed, arm_task.training.max_length,
+                          profile.train_examples])
+        if data_key not in examples_cache:
             tokenizer = models.load_tokenizer(resolved.path)
-            examples, data_record = train.training_examples(task, profile, tokenizer, mirror=mirror)
-            config["train_data"] = data_record
+            examples_cache[data_key] = train.training_examples(arm_task, profile, tokenizer, mirror=mirror)
+            record = examples_cache[data_key][1]
+            config["train_data"] = record
             write_json(run_dir / "config.json", config)
-            log(f"training data: {data_record['examples']} examples, {data_record['tokens']} tokens")
-        log(f"{method}: training")
-        result = train.run(method, task=task, profile=profile, model_path=resolved.path, examples=examples,
-                           out_dir=p["work_dir"] / method)
+            log(f"training data: {record['examples']} examples, {record['tokens']} tokens")
+        examples = examples_cache[data_key][0]
+        log(f"{arm.name}: training ({arm.method}{', ' + ' '.join(arm.overrides) if arm.overrides else ''})")
+        result = train.run(arm.method, task=arm_task, profile=profile, model_path=resolved.path, examples=examples,
+                           out_dir=p["work_dir"] / arm.name)
         s = result.stats
-        log(f"{method}: {s['steps']} steps in {s['seconds']:.0f}s, loss {s['train_loss']:.4f}, "
+        log(f"{arm.name}: {s['steps']} steps in {s['seconds']:.0f}s, loss {s['train_loss']:.4f}, "
             f"{s['trainable_params']:,} trainable ({s['trainable_pct']:.2f}%)")
-        log(f"{method}: evaluating")
-        ev = evaluate.evaluate(result.model, models.load_tokenizer(resolved.path), eval_tasks, **eval_kw)
-        _record(run_dir, method, inputs, ev, train_stats=s)
-        log(f"{method}: evaluated in {ev['seconds']:.0f}s")
+        evaluate_arm(arm.name, result.model, inputs, s)
         del result
         gc.collect()
         _free_gpu()
 
     config["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    config["timings"] = {**timings, "total": time.perf_counter() - t0}
+    config["wall_seconds"] = time.perf_counter() - t0
     write_json(run_dir / "config.json", config)
     out = report.run(run_dir)
     log(f"report: {out}")
@@ -168,11 +202,12 @@ def _done(run_dir: Path, arm: str, inputs: str) -> bool:
         return False
 
 
-def _record(run_dir: Path, arm: str, inputs: str, ev: dict, *, train_stats: dict | None) -> None:
+def _record(run_dir: Path, arm: str, inputs: str, ev: dict, *, train_stats: dict | None,
+            perplexity: dict | None = None) -> None:
     """Per-document records first, the arm's JSON last: the JSON's presence means the arm is done."""
     write_samples(run_dir / "samples" / f"{arm}.csv", ev["samples"])
     record = {"arm": arm, "inputs": inputs, "results": ev["results"], "n": ev["n"], "versions": ev["versions"],
-              "eval_seconds": ev["seconds"], "train": train_stats}
+              "eval_seconds": ev["seconds"], "train": train_stats, "perplexity": perplexity}
     write_json(run_dir / "arms" / f"{arm}.json", record)
 
 

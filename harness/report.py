@@ -37,7 +37,7 @@ def run(run_dir: Path) -> Path:
             "tasks": {t: {"metric": metric_of[t], "score": arm["results"][t].get(metric_of[t]),
                           "stderr": arm["results"][t].get(f"{metric_of[t]}_stderr"), "n": arm["n"][t],
                           "all": arm["results"][t]} for t in arm["results"]},
-            "train": arm["train"], "eval_seconds": arm["eval_seconds"],
+            "train": arm["train"], "eval_seconds": arm["eval_seconds"], "perplexity": arm.get("perplexity"),
         }
     base_samples = arms["base"]["samples"]
     for name, arm in arms.items():
@@ -62,6 +62,8 @@ def run(run_dir: Path) -> Path:
         comp["biderman"] = stats.biderman_delta(bid, n_boot=N_BOOT, seed=seed) if len(bid) == 3 else None
         domain = {t: pairs[t] for t in domain_tasks if t in pairs}
         comp["learning"] = stats.aggregate_delta(domain, n_boot=N_BOOT, seed=seed) if domain else None
+        base_ppl, arm_ppl = arms["base"].get("perplexity"), arm.get("perplexity")
+        comp["perplexity"] = stats.perplexity_drift(base_ppl, arm_ppl) if base_ppl and arm_ppl else None
         metrics["comparisons"][name] = comp
     metrics["summary"] = summary(metrics, suite_tasks, domain_tasks)
     metrics["missing_arms"] = [m for m in config["methods"] if m not in arms]
@@ -69,6 +71,8 @@ def run(run_dir: Path) -> Path:
     write_json(run_dir / "metrics.json", metrics)
     write_text(run_dir / "results.csv", _csv(metrics, suite_tasks))
     _plot(metrics, suite_tasks + [t for t in domain_tasks if t not in suite_tasks], run_dir)
+    if any(c["forgetting"] and c["learning"] for c in metrics["comparisons"].values()):
+        _plot_tradeoff(metrics, run_dir)
     write_text(run_dir / "report.md", _markdown(metrics, config, suite_tasks, domain_tasks))
     return run_dir / "report.md"
 
@@ -225,6 +229,17 @@ def _markdown(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
         bid = c["biderman"]
         bid_s = f"{_fmt(bid['base'])} → {_fmt(bid['arm'])} ({_ci(bid)})" if bid else "n/a"
         lines.append(f"| {arm} | {_ci(c['forgetting'])} | {bid_s} | {_ci(c['learning'])} |")
+    ppl_rows = [(arm, c["perplexity"]) for arm, c in metrics["comparisons"].items() if c.get("perplexity")]
+    if ppl_rows:
+        base_ppl = metrics["arms"]["base"]["perplexity"]
+        lines += ["", f"## Perplexity drift ({base_ppl['task']}, {base_ppl['n']} documents)", "",
+                  "Lower is better; a rise means the arm models general text worse than the base.", "",
+                  "| arm | word perplexity | Δ | bits per byte | Δ |", "| --- | --- | --- | --- | --- |",
+                  f"| base | {base_ppl['word_perplexity']:.3f} | | {base_ppl['bits_per_byte']:.4f} | |"]
+        for arm, d in ppl_rows:
+            w, b = d["word_perplexity"], d["bits_per_byte"]
+            lines.append(f"| {arm} | {w['arm']:.3f} | {w['delta']:+.3f} ({w['rel_pct']:+.1f}%) | {b['arm']:.4f} | "
+                         f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%) |")
     lines += ["", "## Flips (counted metric)", "",
               "| arm | task | forgotten (base right, arm wrong) | gained | McNemar exact p |", "| --- | --- | --- | --- | --- |"]
     for arm, c in metrics["comparisons"].items():
@@ -244,7 +259,7 @@ def _markdown(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
             continue
         mem = t.get("peak_gpu_allocated_bytes")
         mem_s = f"{_size(mem)} GPU alloc." if mem else f"{_size(t['peak_rss_bytes'])} RSS"
-        kind = "adapter" if arm != "full" else "checkpoint"
+        kind = "checkpoint" if t["method"] == "full" else "adapter"
         base4 = ", base 4-bit" if t.get("base_4bit") else ""
         lines.append(f"| {arm} | {t['steps']} | {t['learning_rate']:g} | {t['train_loss']:.4f} | {t['seconds']:.0f} s | "
                      f"{t['tokens_per_second']:,.0f} | {t['trainable_params']:,} ({t['trainable_pct']:.2f}%{base4}) | "
@@ -254,17 +269,30 @@ def _markdown(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
         train_s = f"train {a['train']['seconds']:.0f} s + " if a["train"] else ""
         stages.append(f"{arm} {train_s}eval {a['eval_seconds']:.0f} s")
     lines += ["", "Stage wall times: " + "; ".join(stages) + "."]
-    lines += ["", "## Scores before and after", "", "![scores per task and arm](scores.png)", "",
+    lines += ["", "## Scores before and after", "", "![scores per task and arm](scores.png)", ""]
+    if any(c["forgetting"] and c["learning"] for c in metrics["comparisons"].values()):
+        lines += ["## Learning vs forgetting", "",
+                  "![in-domain learning against the forgetting score, one point per arm](tradeoff.png)", "",
+                  "Each point is an arm: x is the mean in-domain Δ, y the forgetting score (mean Δ over the "
+                  "suite), bars are 95% CIs; the line joins the arms no other arm beats on both.", ""]
+    lines += [
               "Files: `metrics.json` (all statistics), `results.csv` (one row per arm × task × metric), "
               "`samples/` (per-document records), `config.json` (the resolved configuration and environment).", ""]
     return "\n".join(lines)
 
 
-def _plot(metrics: dict, tasks: list[str], run_dir: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "harness"  # fixed SVG ids: regenerated reports are byte-stable
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot(metrics: dict, tasks: list[str], run_dir: Path) -> None:
+    plt = _pyplot()
     import numpy as np
 
     arms = list(metrics["arms"])
@@ -287,4 +315,46 @@ def _plot(metrics: dict, tasks: list[str], run_dir: Path) -> None:
     # Fixed metadata keeps regenerated images byte-stable.
     fig.savefig(run_dir / "scores.png", dpi=120, metadata={"Software": None})
     fig.savefig(run_dir / "scores.svg", metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the points no other point beats on both axes (more learning, less forgetting)."""
+    front = []
+    for name, x, y in points:
+        dominated = any(ox >= x and oy >= y and (ox > x or oy > y) for _, ox, oy in points)
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def _plot_tradeoff(metrics: dict, run_dir: Path) -> None:
+    """The learning-forgetting plane of Biderman et al. (2024), one point per arm."""
+    plt = _pyplot()
+
+    pts, colors = [], {}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for arm, c in metrics["comparisons"].items():
+        f, l = c["forgetting"], c["learning"]
+        if not (f and l):
+            continue
+        method = (metrics["arms"][arm]["train"] or {}).get("method", arm)
+        color = colors.setdefault(method, f"C{len(colors)}")
+        x, y = 100 * l["delta"], 100 * f["delta"]
+        ax.errorbar(x, y, xerr=[[x - 100 * l["ci_low"]], [100 * l["ci_high"] - x]],
+                    yerr=[[y - 100 * f["ci_low"]], [100 * f["ci_high"] - y]], fmt="o", color=color, capsize=3,
+                    label=method if method not in [h.get_label() for h in ax.get_legend_handles_labels()[0]] else None)
+        ax.annotate(arm, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        pts.append((arm, x, y))
+    front = sorted((p for p in pts if p[0] in pareto_front(pts)), key=lambda p: p[1])
+    if len(front) > 1:
+        ax.plot([p[1] for p in front], [p[2] for p in front], "--", color="grey", lw=1, label="Pareto frontier")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("learning: mean in-domain Δ (points)")
+    ax.set_ylabel("forgetting score: mean general Δ (points)")
+    ax.set_title(f"{metrics['task']}: learning vs forgetting ({metrics['profile']['name']} profile)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "tradeoff.png", dpi=120, metadata={"Software": None})
+    fig.savefig(run_dir / "tradeoff.svg", metadata={"Date": None, "Creator": None})
     plt.close(fig)

@@ -45,6 +45,8 @@ def mirror(tmp_path_factory) -> Path:
         {"id": f"fx-{i}", "question": _sentence(rng) + "?",
          "choices": {"text": [_sentence(rng, 3) for _ in range(4)], "label": list("ABCD")},
          "answerKey": "ABCD"[i % 4]} for i in range(12)])
+    write_jsonl(root / "EleutherAI/wikitext_document_level/wikitext-2-raw-v1/test.jsonl",
+                [{"page": " \n".join(_sentence(rng, 30) for _ in range(3))} for _ in range(3)])
     write_jsonl(root / "aps/super_glue/boolq/validation.jsonl", [
         {"question": _sentence(rng), "passage": _sentence(rng, 20), "idx": i, "label": i % 2} for i in range(12)])
     return root
@@ -83,7 +85,8 @@ def tiny_task(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("tasks")
     suite = {"name": "tiny", "num_fewshot": 0,
-             "tasks": [{"task": "arc_easy", "metric": "acc"}, {"task": "boolq", "metric": "acc"}]}
+             "tasks": [{"task": "arc_easy", "metric": "acc"}, {"task": "boolq", "metric": "acc"}],
+             "perplexity": {"task": "wikitext", "batch_size": 1}}
     (d / "tiny.yaml").write_text(yaml.safe_dump(suite))
     task = yaml.safe_load((TASKS_DIR / "finance.yaml").read_text())
     task["suite"] = str(d / "tiny.yaml")
@@ -91,7 +94,7 @@ def tiny_task(tmp_path_factory) -> Path:
     for m in task["methods"].values():
         m.update(micro_batch_size=4, learning_rate=5e-3)
     task["lora"]["r"] = 4
-    task["profiles"] = {"quick": {"train_examples": 32, "limit": 8, "eval_batch_size": 4},
+    task["profiles"] = {"quick": {"train_examples": 32, "limit": 8, "eval_batch_size": 4, "perplexity_limit": 2},
                         "full": {"train_examples": None, "limit": None, "eval_batch_size": 4}}
     path = d / "finance_tiny.yaml"
     path.write_text(yaml.safe_dump(task, sort_keys=False))

@@ -27,7 +27,7 @@ def test_report_files_written(run):
     out, result = run
     run_dir = out / "results" / "finance" / "t1"
     assert result.output.strip().endswith("report.md")
-    for name in ("config.json", "metrics.json", "results.csv", "report.md", "scores.png", "scores.svg",
+    for name in ("config.json", "metrics.json", "results.csv", "report.md", "scores.png", "scores.svg", "tradeoff.png",
                  "arms/base.json", "arms/full.json", "arms/qlora.json", "samples/base.csv"):
         assert (run_dir / name).stat().st_size > 0, name
     # Weights never land in results/.
@@ -49,6 +49,10 @@ def test_scores_in_range_and_paired(run):
             assert c["n"] == 8
         assert comp["forgetting"]["tasks"] == ["arc_easy", "boolq"]
         assert comp["learning"]["tasks"] == ["finance_tweets", "finance_phrasebank"]
+        drift = comp["perplexity"]["word_perplexity"]
+        assert drift["base"] > 1 and drift["arm"] > 1
+        assert drift["delta"] == pytest.approx(drift["arm"] - drift["base"])
+    assert m["arms"]["base"]["perplexity"]["n"] == 2  # the quick profile's perplexity_limit
     with open(out / "results/finance/t1/results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["arm"] for r in rows} == {"base", "full", "lora", "qlora"}
@@ -90,7 +94,7 @@ def test_rerun_reuses_recorded_arms(run, tiny_model, tiny_task, mirror):
 def test_report_regenerates_identically(run):
     out, _ = run
     run_dir = out / "results/finance/t1"
-    before = {n: (run_dir / n).read_bytes() for n in ("metrics.json", "results.csv", "report.md")}
+    before = {n: (run_dir / n).read_bytes() for n in ("metrics.json", "results.csv", "report.md", "scores.svg")}
     result = CliRunner().invoke(cli, ["report", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert {n: (run_dir / n).read_bytes() for n in before} == before

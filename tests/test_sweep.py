@@ -1,0 +1,48 @@
+"""Sweeps: grid expansion, and one trained and evaluated arm per grid point on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from harness.cli import cli
+from harness.config import HarnessError
+from harness.report import pareto_front
+from harness.sweep import arms_from_grid, parse_grid
+
+
+def test_grid_crosses_only_the_keys_a_method_uses():
+    arms = arms_from_grid(["full", "qlora"], parse_grid(["lora.r=8,16", "methods.qlora.learning_rate=1e-4,2e-4"]))
+    names = [a.name for a in arms]
+    assert names == ["full", "qlora_r=8_learning_rate=1e-4", "qlora_r=8_learning_rate=2e-4",
+                     "qlora_r=16_learning_rate=1e-4", "qlora_r=16_learning_rate=2e-4"]
+    assert arms[1].overrides == ("lora.r=8", "methods.qlora.learning_rate=1e-4")
+
+
+@pytest.mark.parametrize("items, message", [(["lora.r"], "expected key.path=value1"), (["lora.r="], "no values")])
+def test_bad_grid_is_one_line(items, message):
+    with pytest.raises(HarnessError, match=message):
+        parse_grid(items)
+
+
+def test_pareto_front():
+    pts = [("a", 1.0, -1.0), ("b", 2.0, -2.0), ("c", 0.5, -1.5), ("d", 2.0, -1.0)]
+    assert pareto_front(pts) == ["d"]
+    assert sorted(pareto_front(pts[:3])) == ["a", "b"]
+
+
+def test_sweep_one_point_per_grid_cell(tmp_path, tiny_model, tiny_task, mirror):
+    args = ["sweep", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", "qlora",
+            "--grid", "lora.r=2,4", "--profile", "quick", "--mirror", str(mirror), "--run-id", "s1",
+            "--results-dir", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "profiles.quick.perplexity_limit=1"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "r/finance/s1"
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert set(m["comparisons"]) == {"qlora_r=2", "qlora_r=4"}
+    r2, r4 = (m["arms"][a]["train"]["trainable_params"] for a in ("qlora_r=2", "qlora_r=4"))
+    assert r4 == 2 * r2  # LoRA parameters grow linearly with the rank
+    assert (run_dir / "tradeoff.png").stat().st_size > 0
+    assert "Learning vs forgetting" in (run_dir / "report.md").read_text()
