@@ -110,6 +110,40 @@ def sweep(methods, grid, grid_file, **kw):
 
 
 @cli.command()
+@click.option("--arch", default="llama-2-7b", show_default=True,
+              help="Preset (llama-2-7b, llama-2-13b, smollm2-135m, tiny-llama) or a config.json path.")
+@click.option("--methods", default="full,lora,qlora", show_default=True, callback=_methods, help="Methods to profile.")
+@click.option("--batch", default=1, show_default=True, type=int, help="Sequences per step.")
+@click.option("--seq", default=512, show_default=True, type=int, help="Tokens per sequence.")
+@click.option("--rank", default=16, show_default=True, type=int, help="LoRA rank.")
+@click.option("--targets", default="q_proj,v_proj", show_default=True, help="LoRA target modules, or all-linear.")
+@click.option("--steps", default=3, show_default=True, type=int, help="Optimizer steps (the first is warm-up).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass.")
+@click.option("--optimizer", type=click.Choice(["adamw", "paged_adamw_8bit"]), default="adamw", show_default=True)
+@click.option("--precision", type=click.Choice(["bf16", "fp32-master"]), default="bf16", show_default=True,
+              help="bf16 weights, or fp32 master weights with bf16 autocast.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where profile.md/json go. Default: results/profile/<arch>-<device>.")
+def profile(arch, methods, batch, seq, rank, targets, steps, gradient_checkpointing, optimizer, precision, out_dir):
+    """Measure memory, speed, parameters and storage per method on a random-weight architecture.
+
+    Example:
+
+        harness profile --arch llama-2-7b --methods full,lora,qlora --batch 1 --seq 512 --rank 16 --targets q_proj,v_proj
+    """
+    from harness import models
+    from harness.profile import run as run_profile
+
+    name = Path(arch).parent.name if arch.endswith(".json") else arch
+    out_dir = out_dir or PROJECT_ROOT / "results" / "profile" / f"{name}-{models.device_kind()}"
+    target_list = [t.strip() for t in targets.split(",") if t.strip()]
+    _guard(lambda: run_profile(arch=arch, methods=list(methods), batch=batch, seq=seq, rank=rank, targets=target_list,
+                               steps=steps, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
+                               precision=precision, out_dir=out_dir))
+    click.echo(out_dir / "profile.md")
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report(run_dir):
     """Regenerate a run's tables and plots from its stored artifacts (no model needed).

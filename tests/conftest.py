@@ -39,8 +39,9 @@ def mirror(tmp_path_factory) -> Path:
                 [{"text": _sentence(rng), "label": i % 3} for i in range(48)])
     write_jsonl(root / "zeroshot/twitter-financial-news-sentiment/default/validation.jsonl",
                 [{"text": _sentence(rng), "label": i % 3} for i in range(12)])
-    write_jsonl(root / "takala/financial_phrasebank/sentences_allagree/train.jsonl",
-                [{"sentence": _sentence(rng), "label": i % 3} for i in range(12)])
+    for config in ("sentences_allagree", "sentences_75agree"):
+        write_jsonl(root / f"takala/financial_phrasebank/{config}/train.jsonl",
+                    [{"sentence": _sentence(rng), "label": i % 3} for i in range(24)])
     write_jsonl(root / "allenai/ai2_arc/ARC-Easy/test.jsonl", [
         {"id": f"fx-{i}", "question": _sentence(rng) + "?",
          "choices": {"text": [_sentence(rng, 3) for _ in range(4)], "label": list("ABCD")},

@@ -98,3 +98,26 @@ def test_report_regenerates_identically(run):
     result = CliRunner().invoke(cli, ["report", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert {n: (run_dir / n).read_bytes() for n in before} == before
+
+
+def test_a_copied_task_file_trains_on_another_dataset(tmp_path, tiny_model, tiny_task, mirror):
+    """A new domain is a copied task file pointed at other data: no code changes."""
+    import yaml
+
+    task = yaml.safe_load(tiny_task.read_text())
+    task["name"] = "phrasebank"
+    task["train"] = {"dataset": "takala/financial_phrasebank", "config": "sentences_75agree", "split": "train",
+                     "format_task": "finance_phrasebank"}
+    task["in_domain"] = [{"task": "finance_phrasebank", "metric": "acc"}]
+    path = tmp_path / "phrasebank.yaml"
+    path.write_text(yaml.safe_dump(task))
+    result = CliRunner().invoke(cli, ["compare", "--task", str(path), "--model", str(tiny_model), "--methods", "full",
+                                      "--profile", "quick", "--mirror", str(mirror), "--run-id", "p1",
+                                      "--results-dir", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "r/phrasebank/p1/config.json").read_text())
+    assert config["train_data"]["dataset"] == "takala/financial_phrasebank"
+    assert config["train_data"]["config"] == "sentences_75agree" and config["train_data"]["examples"] == 24
+    metrics = json.loads((tmp_path / "r/phrasebank/p1/metrics.json").read_text())
+    assert list(metrics["comparisons"]["full"]["learning"]["tasks"]) == ["finance_phrasebank"]
