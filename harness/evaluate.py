@@ -14,6 +14,7 @@ import difflib
 import logging
 import math
 import time
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -73,6 +74,26 @@ def load_task_object(name: str, *, mirror: Path | None):
     return built[name]
 
 
+@lru_cache(maxsize=None)
+def doc_count(name: str, mirror: Path | None) -> int:
+    return len(load_task_object(name, mirror=mirror).eval_docs)
+
+
+def subsample(tasks: list[str], limit: int, *, mirror: Path | None, seed: int) -> dict[str, list[int]]:
+    """A seeded random subset of `limit` documents per task, as lm-eval's `samples` argument.
+
+    lm-eval's own `limit` takes the first N documents, and some splits are sorted (the financial
+    tweets' validation split is ordered by label: its first 30 are all 'bearish')."""
+    import numpy as np
+
+    out = {}
+    for task in tasks:
+        n = doc_count(task, mirror)
+        rng = np.random.default_rng([seed, zlib.crc32(task.encode())])  # per task: stable across suites
+        out[task] = sorted(int(x) for x in rng.choice(n, size=min(limit, n), replace=False))
+    return out
+
+
 def formatter(name: str, *, mirror: Path | None):
     """doc -> (context, continuation) exactly as lm-eval scores the correct answer of `name`.
 
@@ -106,11 +127,12 @@ def evaluate(model, tokenizer, tasks: list[str], *, mirror: Path | None, limit: 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     start = time.perf_counter()
+    samples = subsample(tasks, limit, mirror=mirror, seed=seed) if limit is not None else None
     out = simple_evaluate(
         model=lm,
         tasks=[task_config(t, mirror=mirror) for t in tasks],
         num_fewshot=num_fewshot,
-        limit=limit,
+        samples=samples,
         log_samples=True,
         task_manager=task_manager(),
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

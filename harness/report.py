@@ -291,6 +291,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, stem: Path) -> None:
+    """PNG and SVG; fixed metadata keeps regenerated images byte-stable."""
+    fig.axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120, metadata={"Software": None})
+    fig.savefig(stem.with_suffix(".svg"), metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+
+
 def _plot(metrics: dict, tasks: list[str], run_dir: Path) -> None:
     plt = _pyplot()
     import numpy as np
@@ -310,12 +319,7 @@ def _plot(metrics: dict, tasks: list[str], run_dir: Path) -> None:
     ax.set_ylabel("score (%), ±95% CI")
     ax.set_ylim(0, 100)
     ax.set_title(f"{metrics['task']}: before (base) and after fine-tuning — {metrics['profile']['name']} profile")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    # Fixed metadata keeps regenerated images byte-stable.
-    fig.savefig(run_dir / "scores.png", dpi=120, metadata={"Software": None})
-    fig.savefig(run_dir / "scores.svg", metadata={"Date": None, "Creator": None})
-    plt.close(fig)
+    _save(plt, fig, run_dir / "scores")
 
 
 def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
@@ -353,8 +357,4 @@ def _plot_tradeoff(metrics: dict, run_dir: Path) -> None:
     ax.set_xlabel("learning: mean in-domain Δ (points)")
     ax.set_ylabel("forgetting score: mean general Δ (points)")
     ax.set_title(f"{metrics['task']}: learning vs forgetting ({metrics['profile']['name']} profile)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "tradeoff.png", dpi=120, metadata={"Software": None})
-    fig.savefig(run_dir / "tradeoff.svg", metadata={"Date": None, "Creator": None})
-    plt.close(fig)
+    _save(plt, fig, run_dir / "tradeoff")

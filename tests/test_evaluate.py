@@ -40,3 +40,11 @@ def test_label_outside_choices_is_an_error(mirror):
     fmt, _ = evaluate.formatter("finance_tweets", mirror=mirror)
     with pytest.raises(HarnessError, match="outside the choices"):
         fmt({"text": "x", "label": 7})
+
+
+def test_limit_is_a_seeded_random_subset_not_the_first_documents(mirror):
+    a = evaluate.subsample(["finance_tweets", "arc_easy"], 5, mirror=mirror, seed=0)
+    assert a == evaluate.subsample(["arc_easy", "finance_tweets"], 5, mirror=mirror, seed=0)  # order-free
+    assert len(a["finance_tweets"]) == 5 and a["finance_tweets"] != [0, 1, 2, 3, 4]
+    assert a != evaluate.subsample(["finance_tweets", "arc_easy"], 5, mirror=mirror, seed=1)
+    assert evaluate.subsample(["arc_easy"], 100, mirror=mirror, seed=0)["arc_easy"] == list(range(12))
