@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 import re
 import sys
 import time
