@@ -98,6 +98,9 @@ class Profile:
     batch_size: int | None = _help("effective training batch for this profile; null = training.batch_size", default=None)
     max_steps: int | None = _help("cap on optimizer steps; null = from epochs", default=None)
     perplexity_limit: int | None = _help("documents of the suite's perplexity task; null = all", default=None)
+    quant_reference: bool = _help(
+        "with a qlora arm, also evaluate the base quantized as QLoRA loads it (no adapter): separates what "
+        "4-bit quantization costs from what training does", default=False)
 
     def __post_init__(self):
         for name in ("train_examples", "limit", "max_steps", "batch_size", "perplexity_limit"):

@@ -153,6 +153,18 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         del model
         gc.collect()
 
+    # The 4-bit base without adapter: QLoRA's own starting point, to separate quantization from training.
+    if profile.quant_reference and any(a.method == "qlora" for a in arms):
+        inputs = _hash({**common, "quant": task.quant})
+        if _done(run_dir, report.NF4_REFERENCE, inputs):
+            log(f"{report.NF4_REFERENCE}: evaluation recorded for these inputs, reused")
+        else:
+            model = models.load_base(resolved.path, quant=task.quant)
+            evaluate_arm(report.NF4_REFERENCE, model, inputs, None)
+            del model
+            gc.collect()
+            _free_gpu()
+
     # Arms: same examples for all (unless an arm's overrides change the data); each trained, saved to
     # the work dir, then evaluated.
     examples_cache: dict[str, tuple[list, dict]] = {}

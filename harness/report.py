@@ -17,6 +17,7 @@ from harness import stats
 from harness.io import read_json, read_samples, write_json, write_text
 
 N_BOOT = 10_000
+NF4_REFERENCE = "base-nf4"  # the base quantized as QLoRA loads it, no adapter
 
 
 def run(run_dir: Path) -> Path:
@@ -25,7 +26,7 @@ def run(run_dir: Path) -> Path:
     suite_tasks = [t["task"] for t in config["suite"]["tasks"]]
     metric_of = {t["task"]: t["metric"] for t in config["suite"]["tasks"] + config["task"]["in_domain"]}
     domain_tasks = [t["task"] for t in config["task"]["in_domain"]]
-    arms = _load_arms(run_dir, ["base", *config["methods"]])
+    arms = _load_arms(run_dir, ["base", NF4_REFERENCE, *config["methods"]])
     if "base" not in arms:
         raise FileNotFoundError(f"{run_dir}/arms/base.json: the base evaluation is missing")
     seed = config["task"]["training"]["seed"]
@@ -39,31 +40,14 @@ def run(run_dir: Path) -> Path:
                           "all": arm["results"][t]} for t in arm["results"]},
             "train": arm["train"], "eval_seconds": arm["eval_seconds"], "perplexity": arm.get("perplexity"),
         }
-    base_samples = arms["base"]["samples"]
     for name, arm in arms.items():
         if name == "base":
             continue
-        comp = {"tasks": {}}
-        pairs = {}
-        for task, records in arm["samples"].items():
-            comp["tasks"][task] = {}
-            for metric in ("acc", "acc_norm"):
-                if metric not in records[0]:
-                    continue
-                b, a = stats.align(base_samples[task], records, metric=metric)
-                comp["tasks"][task][metric] = stats.paired_delta(b, a, n_boot=N_BOOT, seed=seed)
-                if metric == metric_of.get(task):
-                    pairs[task] = (b, a)
-        general = {t: pairs[t] for t in suite_tasks if t in pairs}
-        comp["forgetting"] = stats.aggregate_delta(general, n_boot=N_BOOT, seed=seed) if general else None
-        # Biderman et al. average plain accuracy of the three tasks, whatever metric the suite counts.
-        bid = {t: stats.align(base_samples[t], arm["samples"][t], metric="acc") for t in stats.BIDERMAN_TASKS
-               if t in arm["samples"]}
-        comp["biderman"] = stats.biderman_delta(bid, n_boot=N_BOOT, seed=seed) if len(bid) == 3 else None
-        domain = {t: pairs[t] for t in domain_tasks if t in pairs}
-        comp["learning"] = stats.aggregate_delta(domain, n_boot=N_BOOT, seed=seed) if domain else None
-        base_ppl, arm_ppl = arms["base"].get("perplexity"), arm.get("perplexity")
-        comp["perplexity"] = stats.perplexity_drift(base_ppl, arm_ppl) if base_ppl and arm_ppl else None
+        comp = _compare(arms["base"], arm, metric_of, suite_tasks, domain_tasks, seed)
+        # QLoRA's Δ against the 16-bit base mixes two effects: quantizing the base, and training.
+        # Against the 4-bit base (no adapter) it isolates what training did.
+        if (arm["train"] or {}).get("method") == "qlora" and NF4_REFERENCE in arms:
+            comp["vs_nf4_base"] = _compare(arms[NF4_REFERENCE], arm, metric_of, suite_tasks, domain_tasks, seed)
         metrics["comparisons"][name] = comp
     metrics["summary"] = summary(metrics, suite_tasks, domain_tasks)
     metrics["missing_arms"] = [m for m in config["methods"] if m not in arms]
@@ -75,6 +59,33 @@ def run(run_dir: Path) -> Path:
         _plot_tradeoff(metrics, run_dir)
     write_text(run_dir / "report.md", _markdown(metrics, config, suite_tasks, domain_tasks))
     return run_dir / "report.md"
+
+
+def _compare(base: dict, arm: dict, metric_of: dict, suite_tasks: list[str], domain_tasks: list[str],
+             seed: int) -> dict:
+    """Paired statistics of one arm against a reference evaluated on the same documents."""
+    comp = {"tasks": {}}
+    pairs = {}
+    for task, records in arm["samples"].items():
+        comp["tasks"][task] = {}
+        for metric in ("acc", "acc_norm"):
+            if metric not in records[0]:
+                continue
+            b, a = stats.align(base["samples"][task], records, metric=metric)
+            comp["tasks"][task][metric] = stats.paired_delta(b, a, n_boot=N_BOOT, seed=seed)
+            if metric == metric_of.get(task):
+                pairs[task] = (b, a)
+    general = {t: pairs[t] for t in suite_tasks if t in pairs}
+    comp["forgetting"] = stats.aggregate_delta(general, n_boot=N_BOOT, seed=seed) if general else None
+    # Biderman et al. average plain accuracy of the three tasks, whatever metric the suite counts.
+    bid = {t: stats.align(base["samples"][t], arm["samples"][t], metric="acc") for t in stats.BIDERMAN_TASKS
+           if t in arm["samples"]}
+    comp["biderman"] = stats.biderman_delta(bid, n_boot=N_BOOT, seed=seed) if len(bid) == 3 else None
+    domain = {t: pairs[t] for t in domain_tasks if t in pairs}
+    comp["learning"] = stats.aggregate_delta(domain, n_boot=N_BOOT, seed=seed) if domain else None
+    base_ppl, arm_ppl = base.get("perplexity"), arm.get("perplexity")
+    comp["perplexity"] = stats.perplexity_drift(base_ppl, arm_ppl) if base_ppl and arm_ppl else None
+    return comp
 
 
 def _load_arms(run_dir: Path, names: list[str]) -> dict:
@@ -108,6 +119,11 @@ def summary(metrics: dict, suite_tasks: list[str], domain_tasks: list[str]) -> s
         f, l = comp["forgetting"], comp["learning"]
         if f is None:
             continue
+        if arm == NF4_REFERENCE:  # a reference, not a fine-tuned arm
+            word = "changed" if f["significant"] else "did not significantly change"
+            parts.append(f"Quantizing the base to 4-bit alone ({arm}, no adapter) {word} general ability "
+                         f"({100 * f['delta']:+.1f}, {_interval(f)}).")
+            continue
         if f["significant"]:
             verdict = "lost" if f["delta"] < 0 else "gained"
             gen = f"{verdict} {abs(100 * f['delta']):.1f} points of general ability ({_interval(f)})"
@@ -118,7 +134,13 @@ def summary(metrics: dict, suite_tasks: list[str], domain_tasks: list[str]) -> s
             word = "a significant" if l["significant"] else "a non-significant"
             learn = f" at {word} in-domain change of {100 * l['delta']:+.1f} points ({_interval(l)})"
         parts.append(f"**{arm}** {gen}{learn}.")
-    ranked = [(a, c["forgetting"]["delta"]) for a, c in metrics["comparisons"].items() if c["forgetting"]]
+        q = comp.get("vs_nf4_base")
+        if q and q["forgetting"]:
+            sig = "" if q["forgetting"]["significant"] else ", not significant"
+            parts.append(f"Against the 4-bit base it was trained on, {arm}'s general change is "
+                         f"{100 * q['forgetting']['delta']:+.1f} ({_interval(q['forgetting'])}{sig}).")
+    ranked = [(a, c["forgetting"]["delta"]) for a, c in metrics["comparisons"].items()
+              if c["forgetting"] and a != NF4_REFERENCE]
     if len(ranked) > 1:
         worst = min(ranked, key=lambda x: x[1])
         parts.append(f"Most negative mean general change: {worst[0]} ({100 * worst[1]:+.1f} points); "
@@ -229,6 +251,12 @@ def _markdown(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
         bid = c["biderman"]
         bid_s = f"{_fmt(bid['base'])} → {_fmt(bid['arm'])} ({_ci(bid)})" if bid else "n/a"
         lines.append(f"| {arm} | {_ci(c['forgetting'])} | {bid_s} | {_ci(c['learning'])} |")
+        q = c.get("vs_nf4_base")
+        if q:
+            qb = q["biderman"]
+            qb_s = f"{_fmt(qb['base'])} → {_fmt(qb['arm'])} ({_ci(qb)})" if qb else "n/a"
+            lines.append(f"| {arm} vs {NF4_REFERENCE} (training alone) | {_ci(q['forgetting'])} | {qb_s} | "
+                         f"{_ci(q['learning'])} |")
     ppl_rows = [(arm, c["perplexity"]) for arm, c in metrics["comparisons"].items() if c.get("perplexity")]
     if ppl_rows:
         base_ppl = metrics["arms"]["base"]["perplexity"]
@@ -240,6 +268,11 @@ def _markdown(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
             w, b = d["word_perplexity"], d["bits_per_byte"]
             lines.append(f"| {arm} | {w['arm']:.3f} | {w['delta']:+.3f} ({w['rel_pct']:+.1f}%) | {b['arm']:.4f} | "
                          f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%) |")
+            q = (metrics["comparisons"][arm].get("vs_nf4_base") or {}).get("perplexity")
+            if q:
+                w, b = q["word_perplexity"], q["bits_per_byte"]
+                lines.append(f"| {arm} vs {NF4_REFERENCE} | | {w['delta']:+.3f} ({w['rel_pct']:+.1f}%) | | "
+                             f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%) |")
     lines += ["", "## Flips (counted metric)", "",
               "| arm | task | forgotten (base right, arm wrong) | gained | McNemar exact p |", "| --- | --- | --- | --- | --- |"]
     for arm, c in metrics["comparisons"].items():

@@ -95,7 +95,8 @@ def tiny_task(tmp_path_factory) -> Path:
     for m in task["methods"].values():
         m.update(micro_batch_size=4, learning_rate=5e-3)
     task["lora"]["r"] = 4
-    task["profiles"] = {"quick": {"train_examples": 32, "limit": 8, "eval_batch_size": 4, "perplexity_limit": 2},
+    task["profiles"] = {"quick": {"train_examples": 32, "limit": 8, "eval_batch_size": 4, "perplexity_limit": 2,
+                                  "quant_reference": True},
                         "full": {"train_examples": None, "limit": None, "eval_batch_size": 4}}
     path = d / "finance_tiny.yaml"
     path.write_text(yaml.safe_dump(task, sort_keys=False))

@@ -37,7 +37,7 @@ def test_report_files_written(run):
 def test_scores_in_range_and_paired(run):
     out, _ = run
     m = json.loads((out / "results/finance/t1/metrics.json").read_text())
-    assert set(m["arms"]) == {"base", "full", "lora", "qlora"}
+    assert set(m["arms"]) == {"base", "base-nf4", "full", "lora", "qlora"}
     for arm in m["arms"].values():
         for task, t in arm["tasks"].items():
             assert 0.0 <= t["score"] <= 1.0, task
@@ -55,7 +55,11 @@ def test_scores_in_range_and_paired(run):
     assert m["arms"]["base"]["perplexity"]["n"] == 2  # the quick profile's perplexity_limit
     with open(out / "results/finance/t1/results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert {r["arm"] for r in rows} == {"base", "full", "lora", "qlora"}
+    assert {r["arm"] for r in rows} == {"base", "base-nf4", "full", "lora", "qlora"}
+    # QLoRA is also compared with its own 4-bit starting point; other arms are not.
+    assert m["comparisons"]["qlora"]["vs_nf4_base"]["forgetting"]["tasks"] == ["arc_easy", "boolq"]
+    assert "vs_nf4_base" not in m["comparisons"]["lora"]
+    assert "base-nf4 (training alone)" in (out / "results/finance/t1/report.md").read_text()
 
 
 def test_trained_arms_differ_from_base(run, tiny_model):

@@ -36,7 +36,8 @@ def test_pareto_front():
 def test_sweep_one_point_per_grid_cell(tmp_path, tiny_model, tiny_task, mirror):
     args = ["sweep", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", "qlora",
             "--grid", "lora.r=2,4", "--profile", "quick", "--mirror", str(mirror), "--run-id", "s1",
-            "--results-dir", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "profiles.quick.perplexity_limit=1"]
+            "--results-dir", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "profiles.quick.perplexity_limit=1",
+            "profiles.quick.quant_reference=false"]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "r/finance/s1"
