@@ -189,6 +189,10 @@ def _size(b):
     return f"{b:.1f} TB"
 
 
+def _dtype(saved: dict) -> str:
+    return f" ({saved['dtype']})" if saved.get("dtype") else ""  # runs before 2026-11-28 did not record it
+
+
 def _score_table(metrics: dict, tasks: list[str]) -> list[str]:
     arms = [a for a in metrics["arms"] if a != "base"]
     head = "| task | metric | n | base | " + " | ".join(f"{a} | Δ {a} [95% CI]" for a in arms) + " |"
@@ -296,7 +300,7 @@ def _markdown(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
         base4 = ", base 4-bit" if t.get("base_4bit") else ""
         lines.append(f"| {arm} | {t['steps']} | {t['learning_rate']:g} | {t['train_loss']:.4f} | {t['seconds']:.0f} s | "
                      f"{t['tokens_per_second']:,.0f} | {t['trainable_params']:,} ({t['trainable_pct']:.2f}%{base4}) | "
-                     f"{kind} {_size(t['saved']['bytes'])} ({t['saved'].get('dtype', '?')}) | {mem_s} | {a['eval_seconds']:.0f} s |")
+                     f"{kind} {_size(t['saved']['bytes'])}{_dtype(t['saved'])} | {mem_s} | {a['eval_seconds']:.0f} s |")
     stages = []
     for arm, a in metrics["arms"].items():
         train_s = f"train {a['train']['seconds']:.0f} s + " if a["train"] else ""
