@@ -61,6 +61,7 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     """Everything that can be checked before a weight is loaded (torchtune: fail before the GPU)."""
     task: TaskConfig = load_task(spec.task, list(spec.overrides))
     suite: SuiteConfig = load_suite(task.suite)
+    arm_tasks = {}
     for arm in arms:
         if arm.method not in METHODS:
             raise HarnessError(f"--methods: unknown method '{arm.method}'; valid: {', '.join(METHODS)}")
@@ -68,7 +69,7 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
             raise HarnessError(f"--methods: '{arm.method}' has no settings under methods: in the task file of {task.name}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,-]{0,150}", arm.name) or arm.name == "base":
             raise HarnessError(f"arm name {arm.name!r}: use letters, digits and . _ = , - only")
-        load_task(spec.task, [*spec.overrides, *arm.overrides])  # each grid point must be a valid config
+        arm_tasks[arm.name] = load_task(spec.task, [*spec.overrides, *arm.overrides])  # each must be valid
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise HarnessError(f"--methods: listed twice in {','.join(names)}")
@@ -89,7 +90,8 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
         probe.unlink()
     except OSError as e:
         raise HarnessError(f"results directory {run_dir}: not writable ({e.strerror})") from None
-    return {"task": task, "suite": suite, "profile_name": profile_name, "profile": task.profiles[profile_name],
+    return {"task": task, "arm_tasks": arm_tasks, "suite": suite, "profile_name": profile_name,
+            "profile": task.profiles[profile_name],
             "mirror": mirror, "run_id": run_id, "run_dir": run_dir,
             "work_dir": Path(spec.work_dir) / task.name / run_id}
 
@@ -143,33 +145,28 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
                 f"({ppl['n']} documents, {pv['seconds']:.0f}s)")
         _record(run_dir, name, inputs, ev, train_stats=train_stats, perplexity=ppl)
 
-    # Base: the untouched model, evaluated once.
-    inputs = _hash(common)
-    if _done(run_dir, "base", inputs):
-        log("base: evaluation recorded for these inputs, reused")
-    else:
-        model = models.load_base(resolved.path)
-        evaluate_arm("base", model, inputs, None)
+    def evaluate_reference(name: str, inputs: str, quant: dict | None) -> None:
+        """An untrained reference model, evaluated once per inputs."""
+        if _done(run_dir, name, inputs):
+            log(f"{name}: evaluation recorded for these inputs, reused")
+            return
+        model = models.load_base(resolved.path, quant=quant)
+        evaluate_arm(name, model, inputs, None)
         del model
         gc.collect()
+        _free_gpu()
 
+    # Base: the untouched model.
+    evaluate_reference("base", _hash(common), None)
     # The 4-bit base without adapter: QLoRA's own starting point, to separate quantization from training.
     if profile.quant_reference and any(a.method == "qlora" for a in arms):
-        inputs = _hash({**common, "quant": task.quant})
-        if _done(run_dir, report.NF4_REFERENCE, inputs):
-            log(f"{report.NF4_REFERENCE}: evaluation recorded for these inputs, reused")
-        else:
-            model = models.load_base(resolved.path, quant=task.quant)
-            evaluate_arm(report.NF4_REFERENCE, model, inputs, None)
-            del model
-            gc.collect()
-            _free_gpu()
+        evaluate_reference(report.NF4_REFERENCE, _hash({**common, "quant": task.quant}), task.quant)
 
     # Arms: same examples for all (unless an arm's overrides change the data); each trained, saved to
     # the work dir, then evaluated.
     examples_cache: dict[str, tuple[list, dict]] = {}
     for arm in arms:
-        arm_task = load_task(spec.task, [*spec.overrides, *arm.overrides])
+        arm_task = p["arm_tasks"][arm.name]
         inputs = _hash({**common, "method": arm.method, "task": to_dict(arm_task), "profile": to_dict(profile)})
         if _done(run_dir, arm.name, inputs):
             log(f"{arm.name}: training and evaluation recorded for these inputs, reused")
