@@ -48,6 +48,12 @@ def run_options(fn):
                      default=PROJECT_ROOT / "results", show_default="results/", help="Where reports go."),
         click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=PROJECT_ROOT / "work",
                      show_default="work/", help="Where checkpoints and adapters go (git-ignored)."),
+        click.option("--baselines-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     envvar="HARNESS_BASELINES", show_default="baselines/",
+                     help="Cache of base-model evaluations, reused when model, task and limits match. "
+                          "Env: HARNESS_BASELINES."),
+        click.option("--refresh-baseline", is_flag=True,
+                     help="Evaluate the base again even when the baseline cache holds it (and update the cache)."),
         click.argument("overrides", nargs=-1),
     ]
     for option in reversed(options):
@@ -59,6 +65,8 @@ def _spec(methods, **kw):
     from harness.pipeline import CompareSpec
 
     kw["overrides"] = tuple(kw["overrides"])
+    if kw["baselines_dir"] is None:
+        del kw["baselines_dir"]
     return CompareSpec(methods=methods, **kw)
 
 

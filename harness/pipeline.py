@@ -17,11 +17,11 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import evaluate, models, report, train
+from harness import baselines, evaluate, models, report, train
 from harness.config import METHODS, PROJECT_ROOT, HarnessError, SuiteConfig, TaskConfig, load_suite, load_task, to_dict
 from harness.data import mirror_dir
 from harness.io import environment, write_json, write_samples
@@ -38,6 +38,8 @@ class CompareSpec:
     results_dir: Path = PROJECT_ROOT / "results"
     work_dir: Path = PROJECT_ROOT / "work"
     overrides: tuple[str, ...] = ()
+    baselines_dir: Path = field(default_factory=baselines.default_dir)
+    refresh_baseline: bool = False  # evaluate the references even when the baseline cache has them
 
 
 @dataclass(frozen=True)
@@ -131,30 +133,91 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     common = {"model": resolved.path, "tasks": eval_tasks, "eval": {k: v for k, v in eval_kw.items() if k != "mirror"},
               "perplexity": [suite.perplexity and suite.perplexity.task, ppl_kw and ppl_kw["limit"]]}
 
-    def evaluate_arm(name: str, model, inputs: str, train_stats: dict | None) -> None:
-        log(f"{name}: evaluating {len(eval_tasks)} tasks")
+    def run_eval(name: str, model, tasks: list[str], with_ppl: bool) -> tuple[dict | None, dict | None]:
+        """lm-eval on `tasks` (one evaluator call) and, if asked, the perplexity task."""
         tokenizer = models.load_tokenizer(resolved.path)
-        ev = evaluate.evaluate(model, tokenizer, eval_tasks, **eval_kw)
-        log(f"{name}: evaluated in {ev['seconds']:.0f}s")
-        ppl = None
-        if ppl_kw is not None:
+        ev = ppl = None
+        if tasks:
+            log(f"{name}: evaluating {len(tasks)} tasks")
+            ev = evaluate.evaluate(model, tokenizer, tasks, **eval_kw)
+            log(f"{name}: evaluated in {ev['seconds']:.0f}s")
+        if with_ppl:
             pv = evaluate.evaluate(model, tokenizer, [suite.perplexity.task], **ppl_kw)
             ppl = {**pv["results"][suite.perplexity.task], "n": pv["n"][suite.perplexity.task],
-                   "seconds": pv["seconds"], "task": suite.perplexity.task}
+                   "seconds": pv["seconds"], "task": suite.perplexity.task,
+                   "samples": pv["samples"][suite.perplexity.task], "version": pv["versions"][suite.perplexity.task]}
             log(f"{name}: {suite.perplexity.task} word perplexity {ppl.get('word_perplexity', float('nan')):.2f} "
                 f"({ppl['n']} documents, {pv['seconds']:.0f}s)")
-        _record(run_dir, name, inputs, ev, train_stats=train_stats, perplexity=ppl)
+        return ev, ppl
+
+    def evaluate_arm(name: str, model, inputs: str, train_stats: dict | None) -> None:
+        ev, ppl = run_eval(name, model, eval_tasks, ppl_kw is not None)
+        _record(run_dir, name, inputs, ev, train_stats=train_stats, perplexity=_drop_samples(ppl))
 
     def evaluate_reference(name: str, inputs: str, quant: dict | None) -> None:
-        """An untrained reference model, evaluated once per inputs."""
+        """An untrained reference model (the base, the 4-bit base): evaluated once per inputs, and
+        only on the tasks the baseline cache does not already hold for this exact model and setup."""
         if _done(run_dir, name, inputs):
             log(f"{name}: evaluation recorded for these inputs, reused")
             return
-        model = models.load_base(resolved.path, quant=quant)
-        evaluate_arm(name, model, inputs, None)
-        del model
-        gc.collect()
-        _free_gpu()
+        keys = _baseline_keys(quant)
+        hits = {} if spec.refresh_baseline else {
+            t: e for t, k in keys.items() if (e := baselines.lookup(spec.baselines_dir, k)) is not None}
+        missing = [t for t in eval_tasks if t not in hits]
+        want_ppl = ppl_kw is not None and suite.perplexity.task not in hits
+        ev = ppl = None
+        if missing or want_ppl:
+            model = models.load_base(resolved.path, quant=quant)
+            ev, ppl = run_eval(name, model, missing, want_ppl)
+            del model
+            gc.collect()
+            _free_gpu()
+            _store_baselines(name, keys, ev, ppl)
+        ev, ppl, reused = _merge_baselines(ev, ppl, hits)
+        if reused["tasks"]:
+            log(f"{name}: baseline reused for {len(reused['tasks'])} of {len(keys)} tasks from {spec.baselines_dir} "
+                f"(saved about {reused['saved_seconds']:.0f}s of evaluation)")
+        _record(run_dir, name, inputs, ev, train_stats=None, perplexity=ppl, baseline=reused)
+
+    def _baseline_keys(quant: dict | None) -> dict[str, dict]:
+        model_sha = baselines.model_sha256(resolved.path)
+        common_key = dict(model_sha=model_sha, seed=task.training.seed, quant=quant, device=models.device_kind(),
+                          dtype=str(models.train_dtype()).removeprefix("torch."))
+        keys = {t: baselines.key(task=t, task_sha=baselines.task_sha256(t, mirror), limit=profile.limit,
+                                 num_fewshot=suite.num_fewshot, **common_key) for t in eval_tasks}
+        if ppl_kw is not None:
+            t = suite.perplexity.task
+            keys[t] = baselines.key(task=t, task_sha=baselines.task_sha256(t, mirror), limit=ppl_kw["limit"],
+                                    num_fewshot=0, **common_key)
+        return keys
+
+    def _store_baselines(name: str, keys: dict, ev: dict | None, ppl: dict | None) -> None:
+        source = {"run_id": p["run_id"], "reference": name, "model": resolved.name}
+        total = sum(ev["n"].values()) if ev else 0
+        for t in (ev["results"] if ev else {}):
+            baselines.store(spec.baselines_dir, keys[t], results=ev["results"][t], n=ev["n"][t],
+                            version=ev["versions"][t], samples=ev["samples"][t],
+                            seconds=ev["seconds"] * ev["n"][t] / max(total, 1), source=source)
+        if ppl is not None:
+            results = {k: v for k, v in ppl.items() if k not in ("n", "seconds", "task", "samples", "version")}
+            baselines.store(spec.baselines_dir, keys[ppl["task"]], results=results, n=ppl["n"],
+                            version=ppl["version"], samples=ppl["samples"], seconds=ppl["seconds"], source=source)
+
+    def _merge_baselines(ev: dict | None, ppl: dict | None, hits: dict) -> tuple[dict, dict | None, dict]:
+        """Fresh results plus cached ones, in the shape of one evaluation of every task."""
+        ev = ev or {"results": {}, "n": {}, "samples": {}, "versions": {}, "seconds": 0.0}
+        reused = {"tasks": sorted(hits), "saved_seconds": round(sum(e["seconds"] for e in hits.values()), 1),
+                  "files": sorted(Path(e["file"]).name for e in hits.values())}
+        for t in eval_tasks:
+            if t in hits:
+                e = hits[t]
+                ev["results"][t], ev["n"][t], ev["versions"][t] = e["results"], e["n"], e["version"]
+                ev["samples"][t] = baselines.samples_of(e)
+        ev = {**ev, **{k: {t: ev[k][t] for t in eval_tasks} for k in ("results", "n", "samples", "versions")}}
+        if ppl_kw is not None and ppl is None:
+            e = hits[suite.perplexity.task]
+            ppl = {**e["results"], "n": e["n"], "seconds": 0.0, "task": suite.perplexity.task}
+        return ev, _drop_samples(ppl), reused
 
     # Base: the untouched model.
     evaluate_reference("base", _hash(common), None)
@@ -210,12 +273,18 @@ def _done(run_dir: Path, arm: str, inputs: str) -> bool:
         return False
 
 
+def _drop_samples(ppl: dict | None) -> dict | None:
+    return None if ppl is None else {k: v for k, v in ppl.items() if k not in ("samples", "version")}
+
+
 def _record(run_dir: Path, arm: str, inputs: str, ev: dict, *, train_stats: dict | None,
-            perplexity: dict | None = None) -> None:
+            perplexity: dict | None = None, baseline: dict | None = None) -> None:
     """Per-document records first, the arm's JSON last: the JSON's presence means the arm is done."""
     write_samples(run_dir / "samples" / f"{arm}.csv", ev["samples"])
     record = {"arm": arm, "inputs": inputs, "results": ev["results"], "n": ev["n"], "versions": ev["versions"],
               "eval_seconds": ev["seconds"], "train": train_stats, "perplexity": perplexity}
+    if baseline is not None:
+        record["baseline"] = baseline
     write_json(run_dir / "arms" / f"{arm}.json", record)
 
 

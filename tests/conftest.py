@@ -111,3 +111,16 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.delenv("HARNESS_MIRROR", raising=False)
     if "HARNESS_CACHE" not in os.environ:
         monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _baselines(tmp_path_factory):
+    """The project's baselines/ is never written by tests: a session-wide scratch cache instead
+    (session scope, so module-scoped run fixtures see it too)."""
+    old = os.environ.get("HARNESS_BASELINES")
+    os.environ["HARNESS_BASELINES"] = str(tmp_path_factory.mktemp("baselines"))
+    yield
+    if old is None:
+        os.environ.pop("HARNESS_BASELINES", None)
+    else:
+        os.environ["HARNESS_BASELINES"] = old
