@@ -203,12 +203,13 @@ def bnb_config(quant: dict):
         raise HarnessError(f"quant: {e}") from None
 
 
-def load_base(path: str, *, quant: dict | None = None):
-    """The base model: 16/32-bit, or 4-bit through bitsandbytes when `quant` is given."""
+def load_base(path: str, *, quant: dict | None = None, dtype=None):
+    """The base model: 16/32-bit (`dtype`, default the training dtype), or 4-bit through bitsandbytes
+    when `quant` is given."""
     from transformers import AutoModelForCausalLM
 
     device = device_kind()
-    kw = {"dtype": train_dtype(), "device_map": {"": 0} if device == "cuda" else "cpu"}
+    kw = {"dtype": dtype or train_dtype(), "device_map": {"": 0} if device == "cuda" else "cpu"}
     if quant is not None:
         try:
             import bitsandbytes  # noqa: F401  (fail early with a clear message)
@@ -269,17 +270,37 @@ def is_4bit(model) -> bool:
     return any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
 
 
-def save_arm(model, tokenizer, out: Path) -> dict:
-    """Save what the arm produces (full checkpoint or adapter) and report its size on disk."""
+def save_arm(model, tokenizer, out: Path, *, record: dict | None = None) -> dict:
+    """Save what the arm produces (full checkpoint or adapter) and report its size and dtype, read
+    from the saved files. `record` (method, base model, quantization) goes beside it as
+    harness_arm.json, for `harness merge` and `harness adapters`."""
+    from harness.resources import safetensors_summary
+
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if record is not None:
+        (tmp / ARM_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
     os.replace(tmp, out)
     weights = sorted(out.glob("*.safetensors"))
-    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad})
-    return {"path": str(out), "files": [w.name for w in weights], "bytes": sum(w.stat().st_size for w in weights),
-            "dtype": ",".join(dtypes)}
+    summary = safetensors_summary(weights)
+    return {"path": str(out), "files": [w.name for w in weights], "bytes": summary["bytes"],
+            "dtype": summary["dtype"], "elements_by_dtype": summary["elements_by_dtype"]}
+
+
+ARM_RECORD = "harness_arm.json"
+
+
+def attach_adapter(model, adapter_dir: str, *, name: str = "default"):
+    """PEFT: wrap `model` with the adapter saved in adapter_dir, or, when `model` is already a
+    PeftModel, load it beside the others under `name` (switch with model.set_adapter(name))."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(adapter_dir, adapter_name=name)
+        return model
+    return PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)

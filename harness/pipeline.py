@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import baselines, evaluate, models, report, train
+from harness import baselines, evaluate, models, report, resources, train
 from harness.config import METHODS, PROJECT_ROOT, HarnessError, SuiteConfig, TaskConfig, load_suite, load_task, to_dict
 from harness.data import mirror_dir
 from harness.io import environment, write_json, write_samples
@@ -133,26 +133,28 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     common = {"model": resolved.path, "tasks": eval_tasks, "eval": {k: v for k, v in eval_kw.items() if k != "mirror"},
               "perplexity": [suite.perplexity and suite.perplexity.task, ppl_kw and ppl_kw["limit"]]}
 
-    def run_eval(name: str, model, tasks: list[str], with_ppl: bool) -> tuple[dict | None, dict | None]:
-        """lm-eval on `tasks` (one evaluator call) and, if asked, the perplexity task."""
+    def run_eval(name: str, model, tasks: list[str], with_ppl: bool) -> tuple[dict | None, dict | None, dict]:
+        """lm-eval on `tasks` (one evaluator call) and, if asked, the perplexity task; and what the
+        whole evaluation cost (resources.measure: time, peak RSS / GPU memory, model footprint)."""
         tokenizer = models.load_tokenizer(resolved.path)
         ev = ppl = None
-        if tasks:
-            log(f"{name}: evaluating {len(tasks)} tasks")
-            ev = evaluate.evaluate(model, tokenizer, tasks, **eval_kw)
-            log(f"{name}: evaluated in {ev['seconds']:.0f}s")
-        if with_ppl:
-            pv = evaluate.evaluate(model, tokenizer, [suite.perplexity.task], **ppl_kw)
-            ppl = {**pv["results"][suite.perplexity.task], "n": pv["n"][suite.perplexity.task],
-                   "seconds": pv["seconds"], "task": suite.perplexity.task,
-                   "samples": pv["samples"][suite.perplexity.task], "version": pv["versions"][suite.perplexity.task]}
-            log(f"{name}: {suite.perplexity.task} word perplexity {ppl.get('word_perplexity', float('nan')):.2f} "
-                f"({ppl['n']} documents, {pv['seconds']:.0f}s)")
-        return ev, ppl
+        with resources.measure() as measured:
+            if tasks:
+                log(f"{name}: evaluating {len(tasks)} tasks")
+                ev = evaluate.evaluate(model, tokenizer, tasks, **eval_kw)
+                log(f"{name}: evaluated in {ev['seconds']:.0f}s")
+            if with_ppl:
+                pv = evaluate.evaluate(model, tokenizer, [suite.perplexity.task], **ppl_kw)
+                ppl = {**pv["results"][suite.perplexity.task], "n": pv["n"][suite.perplexity.task],
+                       "seconds": pv["seconds"], "task": suite.perplexity.task,
+                       "samples": pv["samples"][suite.perplexity.task], "version": pv["versions"][suite.perplexity.task]}
+                log(f"{name}: {suite.perplexity.task} word perplexity {ppl.get('word_perplexity', float('nan')):.2f} "
+                    f"({ppl['n']} documents, {pv['seconds']:.0f}s)")
+        return ev, ppl, {**measured.result, "model_footprint_bytes": resources.footprint_bytes(model)}
 
     def evaluate_arm(name: str, model, inputs: str, train_stats: dict | None) -> None:
-        ev, ppl = run_eval(name, model, eval_tasks, ppl_kw is not None)
-        _record(run_dir, name, inputs, ev, train_stats=train_stats, perplexity=_drop_samples(ppl))
+        ev, ppl, used = run_eval(name, model, eval_tasks, ppl_kw is not None)
+        _record(run_dir, name, inputs, ev, train_stats=train_stats, perplexity=_drop_samples(ppl), eval_resources=used)
 
     def evaluate_reference(name: str, inputs: str, quant: dict | None) -> None:
         """An untrained reference model (the base, the 4-bit base): evaluated once per inputs, and
@@ -165,10 +167,10 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
             t: e for t, k in keys.items() if (e := baselines.lookup(spec.baselines_dir, k)) is not None}
         missing = [t for t in eval_tasks if t not in hits]
         want_ppl = ppl_kw is not None and suite.perplexity.task not in hits
-        ev = ppl = None
+        ev = ppl = used = None  # used stays None when every task came from the baseline cache
         if missing or want_ppl:
             model = models.load_base(resolved.path, quant=quant)
-            ev, ppl = run_eval(name, model, missing, want_ppl)
+            ev, ppl, used = run_eval(name, model, missing, want_ppl)
             del model
             gc.collect()
             _free_gpu()
@@ -177,7 +179,7 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         if reused["tasks"]:
             log(f"{name}: baseline reused for {len(reused['tasks'])} of {len(keys)} tasks from {spec.baselines_dir} "
                 f"(saved about {reused['saved_seconds']:.0f}s of evaluation)")
-        _record(run_dir, name, inputs, ev, train_stats=None, perplexity=ppl, baseline=reused)
+        _record(run_dir, name, inputs, ev, train_stats=None, perplexity=ppl, baseline=reused, eval_resources=used)
 
     def _baseline_keys(quant: dict | None) -> dict[str, dict]:
         model_sha = baselines.model_sha256(resolved.path)
@@ -278,11 +280,12 @@ def _drop_samples(ppl: dict | None) -> dict | None:
 
 
 def _record(run_dir: Path, arm: str, inputs: str, ev: dict, *, train_stats: dict | None,
-            perplexity: dict | None = None, baseline: dict | None = None) -> None:
+            perplexity: dict | None = None, baseline: dict | None = None, eval_resources: dict | None = None) -> None:
     """Per-document records first, the arm's JSON last: the JSON's presence means the arm is done."""
     write_samples(run_dir / "samples" / f"{arm}.csv", ev["samples"])
     record = {"arm": arm, "inputs": inputs, "results": ev["results"], "n": ev["n"], "versions": ev["versions"],
-              "eval_seconds": ev["seconds"], "train": train_stats, "perplexity": perplexity}
+              "eval_seconds": ev["seconds"], "train": train_stats, "perplexity": perplexity,
+              "eval_resources": eval_resources}
     if baseline is not None:
         record["baseline"] = baseline
     write_json(run_dir / "arms" / f"{arm}.json", record)

@@ -10,12 +10,10 @@ changes gradient accumulation). The loss is on the answer tokens only: the promp
 from __future__ import annotations
 
 import math
-import resource
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import models
+from harness import models, resources
 from harness.config import HarnessError, Method, Profile, TaskConfig
 from harness.data import load_split
 from harness.evaluate import formatter
@@ -58,10 +56,6 @@ def training_examples(task: TaskConfig, profile: Profile, tokenizer, *, mirror) 
         "answer_tokens": sum(sum(1 for x in e["labels"] if x != -100) for e in examples),
     }
     return examples, record
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, examples: list[dict],
@@ -111,12 +105,12 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    out = trainer.train()
-    seconds = time.perf_counter() - start
-    saved = models.save_arm(model, tokenizer, out_dir / ("adapter" if method != "full" else "model"))
+    with resources.measure() as measured:  # this stage's own peaks (RSS, torch allocator, NVML)
+        out = trainer.train()
+    seconds = measured.result["seconds"]
+    saved = models.save_arm(model, tokenizer, out_dir / ("adapter" if method != "full" else "model"),
+                            record={"method": method, "base_model": model_path,
+                                    "quant": task.quant if method == "qlora" else None})
     seen = max_steps * batch  # examples through the model (the trainer cycles the data)
     tokens = seen * sum(len(e["input_ids"]) for e in examples) / len(examples)  # unpadded
     stats = {
@@ -137,10 +131,8 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         "base_4bit": models.is_4bit(model),
         "compute_dtype": models.compute_dtype(model),
         "saved": saved,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "model_footprint_bytes": resources.footprint_bytes(model),
+        **{k: v for k, v in measured.result.items() if k != "seconds"},
     }
-    if cuda:
-        stats["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        stats["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
     model.eval()
     return TrainResult(model=model, stats=stats)
