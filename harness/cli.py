@@ -152,6 +152,60 @@ def profile(arch, methods, batch, seq, rank, targets, steps, gradient_checkpoint
 
 
 @cli.command()
+@click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the merged HF-format model (safetensors, tokenizer, merge.json).")
+@click.option("--base", default=None, help="Base model. Default: the one the adapter records.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Dtype of the merged model. Default: bfloat16 on GPU, float32 on CPU.")
+@click.option("--tolerance", type=float, default=None,
+              help="Max logit difference allowed, relative to the largest logit. Default: per dtype.")
+def merge(adapter_dir, out, base, dtype, tolerance):
+    """Merge a LoRA/QLoRA adapter into its base and verify the logits; QLoRA merges into the 16-bit base.
+
+    Example:
+
+        harness merge work/finance/RUN/qlora/adapter --out work/finance/RUN/qlora/merged
+    """
+    from harness.merge import run as run_merge
+
+    rec = _guard(lambda: run_merge(adapter_dir, out, base=base, dtype=dtype, tolerance=tolerance))
+    v = rec["verification"]
+    click.echo(f"merged {rec['method']} adapter into {rec['merged_into']}", err=True)
+    click.echo(f"max |logit diff| vs base + adapter: {v['max_abs_diff_vs_base_plus_adapter']:.3g} "
+               f"(tolerance {v['tolerance_abs']:.3g})", err=True)
+    if "max_abs_diff_vs_4bit_base_plus_adapter" in v:
+        click.echo(f"max |logit diff| vs the 4-bit base + adapter it was trained as (quantization gap): "
+                   f"{v['max_abs_diff_vs_4bit_base_plus_adapter']:.3g}", err=True)
+    click.echo(out)
+
+
+@cli.command()
+@click.argument("adapter_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--base", default=None, help="Base model. Default: the one the first adapter records.")
+@click.option("--task", default="finance", show_default=True, help="Task whose in-domain lm-eval tasks are run.")
+@click.option("--suite", is_flag=True, help="Also evaluate the task's general suite.")
+@click.option("--profile", type=click.Choice(PROFILES), default=None,
+              help="Document limits from the task's profiles. Default: quick on CPU, full on GPU.")
+@click.option("--mirror", type=click.Path(file_okay=False), default=None, envvar="HARNESS_MIRROR",
+              help="Local dataset mirror. Env: HARNESS_MIRROR.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where adapters.json and adapters.md go.")
+def adapters(adapter_dirs, base, task, suite, profile, mirror, out):
+    """Evaluate several adapters on one loaded base, switching between them; timed.
+
+    Example:
+
+        harness adapters work/finance/RUN/lora/adapter work/finance/RUN/qlora/adapter --out results/adapters
+    """
+    from harness.adapters import run as run_adapters
+
+    _guard(lambda: run_adapters(base=base, adapters=list(adapter_dirs), task=task, suite=suite, profile=profile,
+                                mirror=mirror, out=out))
+    click.echo(out / "adapters.md")
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report(run_dir):
     """Regenerate a run's tables and plots from its stored artifacts (no model needed).

@@ -1,0 +1,133 @@
+"""harness adapters --base MODEL ADAPTER_DIR... [--task finance] [--suite] --out DIR
+
+Several adapters on one loaded base: the base is loaded once, each adapter is loaded beside the
+others (PEFT's load_adapter, named after its arm), and each in turn is switched on (set_adapter) and
+evaluated on the task's in-domain lm-eval tasks (and the general suite with --suite). Timed: the base
+load (once), each adapter's load and switch (milliseconds), each evaluation, and, for comparison,
+reloading base + adapter from scratch (the first adapter), which is what switching tasks costs
+without adapters on a shared base. Writes adapters.json and adapters.md under --out.
+
+The base is loaded in 4-bit when every adapter is a QLoRA adapter (as the harness recorded beside
+it), else in 16-bit: adapters on one base must share it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+
+from harness import evaluate, models
+from harness.config import HarnessError, load_suite, load_task
+from harness.data import mirror_dir
+from harness.io import write_json, write_text
+
+
+def _name(path: Path, taken: set[str]) -> str:
+    """The arm's name: work/<task>/<run>/<arm>/adapter -> <arm>; unique among the loaded adapters."""
+    base = path.parent.name if path.name == "adapter" else path.name
+    name, i = base, 2
+    while name in taken or name == "default":
+        name, i = f"{base}-{i}", i + 1
+    return name
+
+
+def _record(path: Path) -> dict:
+    rec = path / models.ARM_RECORD
+    return json.loads(rec.read_text()) if rec.is_file() else {}
+
+
+def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite: bool = False,
+        profile: str | None = None, mirror: str | None = None, out: Path) -> dict:
+    import torch
+
+    # Check everything before a weight loads.
+    if not adapters:
+        raise HarnessError("adapters: give at least one ADAPTER_DIR")
+    for a in adapters:
+        if not (Path(a) / "adapter_config.json").is_file():
+            raise HarnessError(f"{a}: no adapter_config.json (not a PEFT adapter directory)")
+    cfg = load_task(task)
+    suite_cfg = load_suite(cfg.suite)
+    metrics = {t.task: t.metric for t in cfg.in_domain}
+    if suite:
+        metrics.update({t.task: t.metric for t in suite_cfg.tasks if t.task not in metrics})
+    tasks = list(metrics)
+    profile_name = profile or ("full" if models.device_kind() == "cuda" else "quick")
+    if profile_name not in cfg.profiles:
+        raise HarnessError(f"--profile {profile_name}: not defined under profiles: of task {cfg.name}")
+    prof = cfg.profiles[profile_name]
+    evaluate.check_tasks(tasks)
+    records = [_record(Path(a)) for a in adapters]
+    base = base or records[0].get("base_model") or json.loads(
+        (Path(adapters[0]) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise HarnessError(f"{adapters[0]}: no base model recorded; give --base MODEL")
+    base_path = models.resolve_model(base).path
+    quant = records[0].get("quant") if all(r.get("method") == "qlora" for r in records) else None
+    eval_kw = dict(mirror=mirror_dir(mirror), limit=prof.limit, batch_size=prof.eval_batch_size,
+                   num_fewshot=suite_cfg.num_fewshot, seed=cfg.training.seed)
+    tokenizer = models.load_tokenizer(base_path)
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    # One base, every adapter loaded beside the others.
+    t = time.perf_counter()
+    model = models.load_base(base_path, quant=quant)
+    base_seconds = time.perf_counter() - t
+    rows, taken = [], set()
+    for path in adapters:
+        name = _name(Path(path), taken)
+        taken.add(name)
+        t = time.perf_counter()
+        model = models.attach_adapter(model, str(path), name=name)
+        sync()
+        rows.append({"adapter": name, "path": str(Path(path).resolve()), "load_ms": 1e3 * (time.perf_counter() - t),
+                     "method": _record(Path(path)).get("method")})
+    model.eval()
+    for row in rows:  # switch, evaluate
+        t = time.perf_counter()
+        model.set_adapter(row["adapter"])
+        sync()
+        row["switch_ms"] = 1e3 * (time.perf_counter() - t)
+        ev = evaluate.evaluate(model, tokenizer, tasks, **eval_kw)
+        row.update(eval_seconds=ev["seconds"], results=ev["results"], n=ev["n"])
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    # What switching costs without a shared base: base + adapter loaded from scratch.
+    t = time.perf_counter()
+    fresh = models.attach_adapter(models.load_base(base_path, quant=quant), str(adapters[0]))
+    sync()
+    reload_seconds = time.perf_counter() - t
+    del fresh
+    gc.collect()
+
+    result = {"base": base_path, "base_4bit": quant is not None, "task": cfg.name, "tasks": tasks, "metrics": metrics,
+              "profile": profile_name, "limit": prof.limit, "device": models.device_kind(),
+              "base_load_seconds": base_seconds, "reload_base_and_adapter_seconds": reload_seconds,
+              "adapters": rows}
+    out = Path(out)
+    write_json(out / "adapters.json", result)
+    write_text(out / "adapters.md", render_md(result))
+    return result
+
+
+def render_md(r: dict) -> str:
+    lines = [f"# Adapters on one base: {Path(r['base']).name}", "",
+             f"Base loaded once in {r['base_load_seconds']:.2f} s ({'4-bit NF4' if r['base_4bit'] else '16-bit'}, "
+             f"{r['device']}); reloading base + adapter from scratch took {r['reload_base_and_adapter_seconds']:.2f} s. "
+             f"Tasks: {', '.join(r['tasks'])} (profile {r['profile']}, limit {r['limit']}).", "",
+             "| adapter | method | load (ms) | switch (ms) | eval (s) | " + " | ".join(f"{t} {r['metrics'][t]}" for t in r["tasks"])
+             + " |", "| --- | --- | --- | --- | --- |" + " --- |" * len(r["tasks"])]
+    for row in r["adapters"]:
+        values = [row["results"][t].get(r["metrics"][t]) for t in r["tasks"]]
+        scores = " | ".join("-" if v is None else f"{v:.3f}" for v in values)
+        lines.append(f"| {row['adapter']} | {row['method'] or '-'} | {row['load_ms']:.1f} | {row['switch_ms']:.2f} | "
+                     f"{row['eval_seconds']:.1f} | {scores} |")
+    return "\n".join(lines) + "\n"
