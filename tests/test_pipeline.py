@@ -125,3 +125,25 @@ def test_a_copied_task_file_trains_on_another_dataset(tmp_path, tiny_model, tiny
     assert config["train_data"]["config"] == "sentences_75agree" and config["train_data"]["examples"] == 24
     metrics = json.loads((tmp_path / "r/phrasebank/p1/metrics.json").read_text())
     assert list(metrics["comparisons"]["full"]["learning"]["tasks"]) == ["finance_phrasebank"]
+
+
+def test_resources_recorded_per_arm(run):
+    """Training and evaluation each carry their own figures; saved sizes are the files' sizes."""
+    out, _ = run
+    for arm in ("base", "base-nf4", "full", "lora", "qlora"):
+        rec = json.loads((out / f"results/finance/t1/arms/{arm}.json").read_text())
+        er = rec["eval_resources"]
+        assert er["seconds"] > 0 and er["peak_rss_bytes"] > 0 and er["model_footprint_bytes"] > 0, arm
+        assert er["peak_gpu_allocated_bytes"] is None and er["nvml_source"] is None  # CPU
+        t = rec["train"]
+        if t is None:
+            continue
+        assert t["peak_rss_bytes"] > 0 and t["model_footprint_bytes"] > 0 and t["rss_source"]
+        assert t["tokens_per_second"] > 0 and t["examples_per_second"] > 0
+        files = [out / f"work/finance/t1/{arm}" / ("model" if arm == "full" else "adapter") / f
+                 for f in t["saved"]["files"]]
+        assert t["saved"]["bytes"] == sum(f.stat().st_size for f in files) > 0
+        assert t["saved"]["dtype"] == "float32"
+    nf4 = json.loads((out / "results/finance/t1/arms/base-nf4.json").read_text())["eval_resources"]
+    base = json.loads((out / "results/finance/t1/arms/base.json").read_text())["eval_resources"]
+    assert nf4["model_footprint_bytes"] < base["model_footprint_bytes"]
