@@ -17,12 +17,11 @@ import dataclasses
 import gc
 import json
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
-from harness import models
+from harness import models, resources
 from harness.config import METHODS, HarnessError, TaskConfig
 from harness.io import write_json, write_text
 
@@ -103,6 +102,8 @@ def run(*, arch: str, methods: list[str], batch: int, seq: int, rank: int, targe
             row["estimate"] = estimate(shape, method, result["settings"])
             result["rows"].append(row)
             _free(cuda)
+            if cuda:  # what the next method starts with: ~0 when this one's model and optimizer were released
+                row["allocated_after_bytes"] = torch.cuda.memory_allocated()
     if out_dir is not None:
         write_json(Path(out_dir) / "profile.json", result)
         write_text(Path(out_dir) / "profile.md", render_md(result))
@@ -205,34 +206,6 @@ def _free(cuda: bool) -> None:
 # ---------------------------------------------------------------- measuring
 
 
-def _rss_now() -> int:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: reset the process's peak RSS, so getrusage then gives this method's own peak, not the
-    process-lifetime one (which an earlier method would set)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _nvml_used(cuda: bool) -> int | None:
-    import torch
-
-    try:  # NVML through torch, which maps CUDA_VISIBLE_DEVICES; needs nvidia-ml-py
-        return int(torch.cuda.device_memory_used(0)) if cuda else None
-    except Exception:
-        return None
-
-
 def _is_oom(e: BaseException) -> bool:
     msg = str(e).lower()
     return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or any(
@@ -246,8 +219,8 @@ def _profile_method(method: str, base: str, st: dict, vocab: int, save_dir, tmp:
     row = {"method": method, "failed": None}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    _reset_peak_rss()
-    nvml = []  # sampled after each step: the caching allocator only grows in between
+    resources.reset_peak_rss()
+    steps = None  # resources.measure over the optimizer steps: its own peaks, NVML sampled every 50 ms
     try:
         model, trainable, total = models.build_model(method, base, lora=st["lora"], quant=st["quant"],
                                                      gradient_checkpointing=st["gradient_checkpointing"])
@@ -261,7 +234,8 @@ def _profile_method(method: str, base: str, st: dict, vocab: int, save_dir, tmp:
             key = "nf4 (packed uint8)" if p.__class__.__name__ == "Params4bit" else str(p.dtype)[6:]
             by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
         row.update(trainable_params=trainable, total_params=total, trainable_pct=100.0 * trainable / total,
-                   base_4bit=models.is_4bit(model), param_bytes_by_dtype=by_dtype)
+                   base_4bit=models.is_4bit(model), param_bytes_by_dtype=by_dtype,
+                   model_footprint_bytes=resources.footprint_bytes(model))
         params = [p for p in model.parameters() if p.requires_grad]
         if st["optimizer"] == "paged_adamw_8bit":  # 8-bit states in CUDA unified memory (bitsandbytes: plain on CPU)
             import bitsandbytes as bnb
@@ -272,36 +246,44 @@ def _profile_method(method: str, base: str, st: dict, vocab: int, save_dir, tmp:
         if cuda:  # count training, not the load (fp32, then cast) nor blocks it left cached
             row["load_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
             _free(cuda)
-            torch.cuda.reset_peak_memory_stats()
-        row.update(rss_before_steps_bytes=_rss_now(), rss_peak_reset=_reset_peak_rss())
+        row["rss_before_steps_bytes"] = resources.rss_bytes()
         gen, device = torch.Generator().manual_seed(0), next(model.parameters()).device
         times, losses = [], []
-        for _ in range(st["steps"]):
-            ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach().item())  # also waits for the GPU
-            times.append(time.perf_counter() - start)
-            nvml.append(_nvml_used(cuda))
+        steps = resources.measure()
+        with steps:  # resets the CUDA peaks and the kernel's peak RSS
+            for _ in range(st["steps"]):
+                ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.detach().item())  # also waits for the GPU
+                times.append(time.perf_counter() - start)
         timed = times[1:] or times  # the first step warms up kernels and allocates optimizer states
         row.update(step_seconds=times, losses=losses, tokens_per_second=batch * seq * len(timed) / sum(timed))
-        row.update(_saved_size(model, method, total, save_dir, tmp))
+        del loss, opt
+        row.update(_saved_size(model, method, total, save_dir, tmp))  # after the peaks: saving is not training
     except Exception as e:
         if not _is_oom(e):
             raise
         row["failed"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-    nvml = [n for n in nvml + [_nvml_used(cuda)] if n is not None]
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    row.update(peak_rss_bytes=peak_rss, rss_delta_bytes=max(0, peak_rss - row.get("rss_before_steps_bytes", peak_rss)),
-               nvml_used_bytes=max(nvml) if nvml else None,  # whole device: CUDA context, paged optimizer states
-               peak_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-               peak_reserved_bytes=torch.cuda.max_memory_reserved() if cuda else None)
+    if steps is not None and steps.result:
+        m = steps.result
+    else:  # failed before the steps began: the peaks so far (the load)
+        m = {"peak_rss_bytes": max(resources.rss_bytes(), resources.peak_rss_since_reset() or 0),
+             "rss_source": "at failure", "peak_nvml_used_bytes": None, "nvml_source": None,
+             "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+             "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None}
+    peak_rss = m["peak_rss_bytes"]
+    row.update(peak_rss_bytes=peak_rss, rss_source=m["rss_source"],
+               rss_delta_bytes=max(0, peak_rss - row.get("rss_before_steps_bytes", peak_rss)),
+               nvml_used_bytes=m["peak_nvml_used_bytes"],  # whole device: CUDA context, paged optimizer states
+               nvml_source=m["nvml_source"],
+               peak_allocated_bytes=m["peak_gpu_allocated_bytes"], peak_reserved_bytes=m["peak_gpu_reserved_bytes"])
     return row
 
 
@@ -312,9 +294,9 @@ def _saved_size(model, method, total, save_dir, tmp) -> dict:
         return {"checkpoint_bytes_estimated": total * next(model.parameters()).element_size(), "saved_dtype": dtype}
     out = (Path(save_dir) if save_dir else tmp) / (f"{method}-adapter" if method != "full" else "full-model")
     model.save_pretrained(out)
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    saved = resources.safetensors_summary(sorted(out.glob("*.safetensors")))  # size and dtype from the files
     key = "checkpoint_bytes" if method == "full" else "adapter_bytes"
-    return {key: size, "saved_dtype": dtype, "saved_path": str(out) if save_dir else None}
+    return {key: saved["bytes"], "saved_dtype": saved["dtype"], "saved_path": str(out) if save_dir else None}
 
 
 # ---------------------------------------------------------------- the analytic estimate
@@ -414,11 +396,12 @@ def render_md(result: dict) -> str:
             mem = f"failed ({r['failed']}); peak reached {peak}"
         elif gpu:
             mem = (f"{_gib(r['peak_allocated_bytes'])} allocated, {_gib(r['peak_reserved_bytes'])} reserved"
-                   + (f", NVML {_gib(r['nvml_used_bytes'])} (whole device)" if r["nvml_used_bytes"] else "")
+                   + (f", NVML {_gib(r['nvml_used_bytes'])} (whole device, {r.get('nvml_source')})"
+                      if r["nvml_used_bytes"] else "")
                    + f"; loading peaked at {_gib(r.get('load_peak_allocated_bytes'))}")
         else:
             mem = (f"CPU: peak RSS {_gib(r['peak_rss_bytes'])} (+{_gib(r['rss_delta_bytes'])} during steps)"
-                   + ("" if r.get("rss_peak_reset") else ", process-lifetime peak"))
+                   + f" ({r.get('rss_source', 'process-lifetime peak')})")
         store = "-"
         for key, what in (("adapter_bytes", "adapter"), ("checkpoint_bytes", "checkpoint"),
                           ("checkpoint_bytes_estimated", "checkpoint, estimated")):

@@ -39,7 +39,7 @@ def rss_bytes() -> int:
             return 0
 
 
-def _hwm_bytes() -> int | None:
+def peak_rss_since_reset() -> int | None:
     """The kernel's peak RSS since the last reset (VmHWM)."""
     try:
         with open("/proc/self/status") as fh:
@@ -145,7 +145,7 @@ class measure:
         self._stop.set()
         self._thread.join()
         self._sample_once()
-        hwm = _hwm_bytes() if self._hwm_reset else None
+        hwm = peak_rss_since_reset() if self._hwm_reset else None
         self.result = {
             "seconds": seconds,
             "peak_rss_bytes": max(self._rss, hwm or 0),

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from harness.cli import cli
 
 
-@pytest.mark.parametrize("command", [[], ["compare"], ["sweep"], ["profile"], ["report"]])
+@pytest.mark.parametrize("command", [[], ["compare"], ["sweep"], ["profile"], ["merge"], ["adapters"], ["report"]])
 def test_every_command_has_help(command):
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0

@@ -125,3 +125,16 @@ def test_bad_input_is_one_line(kw, named):
     with pytest.raises(HarnessError) as e:
         profile.run(**{**args, **kw})
     assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_profiles_the_tiny_preset(tmp_path):
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    result = CliRunner().invoke(cli, ["profile", "--arch", "tiny-llama", "--methods", "lora", "--batch", "1", "--seq",
+                                      "16", "--rank", "2", "--steps", "2", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "profile.json").read_text())["rows"][0]
+    assert row["failed"] is None and row["peak_rss_bytes"] > 0 and row["rss_source"]
+    assert row["saved_dtype"] == "float32" and row["model_footprint_bytes"] > 0
