@@ -78,7 +78,7 @@ class _Nvml:
             import pynvml
 
             pynvml.nvmlInit()
-            handle = (pynvml.nvmlDeviceGetHandleByUUID(uuid) if uuid
+            handle = (pynvml.nvmlDeviceGetHandleByUUID(uuid.encode()) if uuid
                       else pynvml.nvmlDeviceGetHandleByIndex(idx))
             self._read = lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
             self.source = "pynvml"
