@@ -23,6 +23,7 @@ TASKS_DIR = PROJECT_ROOT / "tasks"
 SUITES_DIR = TASKS_DIR / "suites"
 METHODS = ("full", "lora", "qlora")
 PROFILES = ("quick", "full")
+EVAL_BACKENDS = ("harness", "hf")
 
 
 class HarnessError(Exception):
@@ -95,6 +96,9 @@ class Profile:
     train_examples: int | None = _help("training examples to use (first N after a seeded shuffle); null = all", default=None)
     limit: int | None = _help("documents per evaluation task (lm-eval `limit`); null = all", default=None)
     eval_batch_size: int = _help("lm-eval batch size", default=8)
+    eval_backend: str = _help(
+        "lm-eval model class: harness (shared-prefix scoring of multiple-choice tasks, same results) or hf "
+        "(lm-eval's stock HFLM, to verify)", default="harness")
     batch_size: int | None = _help("effective training batch for this profile; null = training.batch_size", default=None)
     max_steps: int | None = _help("cap on optimizer steps; null = from epochs", default=None)
     perplexity_limit: int | None = _help("documents of the suite's perplexity task; null = all", default=None)
@@ -109,6 +113,9 @@ class Profile:
                 raise HarnessError(f"profiles.*.{name}: must be a positive number or null, got {v}")
         if self.eval_batch_size <= 0:
             raise HarnessError(f"profiles.*.eval_batch_size: must be > 0, got {self.eval_batch_size}")
+        if self.eval_backend not in EVAL_BACKENDS:
+            raise HarnessError(f"profiles.*.eval_backend: must be one of {', '.join(EVAL_BACKENDS)}, "
+                               f"got {self.eval_backend!r}")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ from harness.config import TASKS_DIR, HarnessError
 from harness.data import mirror_file
 
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+# On CUDA the harness backend scores at least this many multiple-choice requests per batch (a small
+# model leaves the GPU idle at lm-eval's usual 8-64); it halves the batch on out-of-memory.
+GPU_MC_BATCH = 512
 
 
 @lru_cache(maxsize=None)
@@ -115,17 +118,34 @@ def formatter(name: str, *, mirror: Path | None):
     return fmt, process
 
 
-def evaluate(model, tokenizer, tasks: list[str], *, mirror: Path | None, limit: int | None,
-             batch_size: int, num_fewshot: int = 0, seed: int = 0) -> dict:
-    """Run lm-eval's simple_evaluate on an in-memory model (plain, PeftModel, or over a 4-bit base).
-
-    Returns {"results": {task: {metric: value, metric_stderr: ...}}, "n": {task: docs},
-    "samples": {task: [per-document records]}, "configs": ..., "seconds": wall time}."""
-    from lm_eval import simple_evaluate
+def make_lm(model, tokenizer, *, batch_size: int, backend: str = "harness"):
+    """The lm-eval model object: harness.fastlm.HarnessLM, or lm-eval's stock HFLM ("hf")."""
     from lm_eval.models.huggingface import HFLM
 
+    if backend == "hf":
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if backend != "harness":
+        raise HarnessError(f"eval backend: must be harness or hf, got {backend!r}")
+    from harness.fastlm import HarnessLM
+
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return HarnessLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                     mc_batch_size=max(batch_size, GPU_MC_BATCH) if on_gpu else batch_size)
+
+
+def evaluate(model, tokenizer, tasks: list[str], *, mirror: Path | None, limit: int | None,
+             batch_size: int, num_fewshot: int = 0, seed: int = 0, backend: str = "harness",
+             raw: bool = False) -> dict:
+    """Run lm-eval's simple_evaluate on an in-memory model (plain, PeftModel, or over a 4-bit base),
+    all tasks in one call.
+
+    Returns {"results": {task: {metric: value, metric_stderr: ...}}, "n": {task: docs},
+    "samples": {task: [per-document records]}, "configs": ..., "seconds": wall time}; with `raw`,
+    also "raw": {task: {doc_id: [(loglik, is_greedy) per choice]}} (see `agreement`)."""
+    from lm_eval import simple_evaluate
+
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = make_lm(model, tokenizer, batch_size=batch_size, backend=backend)
     start = time.perf_counter()
     samples = subsample(tasks, limit, mirror=mirror, seed=seed) if limit is not None else None
     out = simple_evaluate(
@@ -140,10 +160,11 @@ def evaluate(model, tokenizer, tasks: list[str], *, mirror: Path | None, limit: 
     seconds = time.perf_counter() - start
     results, samples = {}, {}
     for task in tasks:
-        raw = out["results"][task]
-        results[task] = {k.replace(",none", ""): _num(v) for k, v in raw.items() if "," in k}
+        metrics = out["results"][task]
+        results[task] = {k.replace(",none", ""): _num(v) for k, v in metrics.items() if "," in k}
         samples[task] = [_compact(s) for s in out["samples"].get(task, [])]
-    return {
+    extra = {"raw": raw_responses(out)} if raw else {}
+    return {**extra,
         "results": results,
         "n": {t: out["n-samples"][t]["effective"] for t in tasks},
         "samples": samples,
@@ -151,6 +172,33 @@ def evaluate(model, tokenizer, tasks: list[str], *, mirror: Path | None, limit: 
         "lm_eval_version": out.get("lm_eval_version"),
         "seconds": seconds,
     }
+
+
+def raw_responses(out: dict) -> dict:
+    """{task: {doc_id: [(loglik, is_greedy) per choice]}} from simple_evaluate's logged samples."""
+    return {task: {s["doc_id"]: [(float(r[0]), bool(r[1])) for r in s["filtered_resps"]] for s in rows
+                   if all(isinstance(r, (list, tuple)) for r in s["filtered_resps"])}
+            for task, rows in out["samples"].items()}
+
+
+def agreement(ref: dict, got: dict) -> dict:
+    """Per-document agreement of two raw_responses: same choice picked, same greedy flags, |Δ loglik|."""
+    docs = same_pred = 0
+    same_greedy, max_diff = True, 0.0
+    for task, rows in ref.items():
+        if set(rows) != set(got.get(task, {})):
+            raise HarnessError(f"agreement: task {task} has different documents in the two runs")
+        for doc_id, a in rows.items():
+            b = got[task][doc_id]
+            docs += 1
+            same_pred += _argmax(a) == _argmax(b)
+            same_greedy &= [g for _, g in a] == [g for _, g in b]
+            max_diff = max(max_diff, *(abs(x - y) for (x, _), (y, _) in zip(a, b, strict=True)))
+    return {"documents": docs, "same_pred": same_pred, "same_greedy": same_greedy, "max_abs_diff": max_diff}
+
+
+def _argmax(resps) -> int:
+    return max(range(len(resps)), key=lambda i: resps[i][0])
 
 
 def _num(v):

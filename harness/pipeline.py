@@ -59,6 +59,11 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _profile_key(profile) -> dict:
+    """The profile as it enters an arm's input hash (without the evaluation backend, see `common`)."""
+    return {k: v for k, v in to_dict(profile).items() if k != "eval_backend"}
+
+
 def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     """Everything that can be checked before a weight is loaded (torchtune: fail before the GPU)."""
     task: TaskConfig = load_task(spec.task, list(spec.overrides))
@@ -125,12 +130,14 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     }
     write_json(run_dir / "config.json", config)
     eval_kw = dict(mirror=mirror, limit=profile.limit, batch_size=profile.eval_batch_size,
-                   num_fewshot=suite.num_fewshot, seed=task.training.seed)
+                   num_fewshot=suite.num_fewshot, seed=task.training.seed, backend=profile.eval_backend)
     ppl_kw = None
     if suite.perplexity is not None:  # its own batch size: rolling windows of full context are memory-hungry
         ppl_kw = dict(mirror=mirror, limit=profile.perplexity_limit, batch_size=suite.perplexity.batch_size,
-                      num_fewshot=0, seed=task.training.seed)
-    common = {"model": resolved.path, "tasks": eval_tasks, "eval": {k: v for k, v in eval_kw.items() if k != "mirror"},
+                      num_fewshot=0, seed=task.training.seed, backend=profile.eval_backend)
+    # The backend is left out of the input hashes: both give the same per-document results.
+    common = {"model": resolved.path, "tasks": eval_tasks,
+              "eval": {k: v for k, v in eval_kw.items() if k not in ("mirror", "backend")},
               "perplexity": [suite.perplexity and suite.perplexity.task, ppl_kw and ppl_kw["limit"]]}
 
     def run_eval(name: str, model, tasks: list[str], with_ppl: bool) -> tuple[dict | None, dict | None, dict]:
@@ -232,7 +239,7 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     examples_cache: dict[str, tuple[list, dict]] = {}
     for arm in arms:
         arm_task = p["arm_tasks"][arm.name]
-        inputs = _hash({**common, "method": arm.method, "task": to_dict(arm_task), "profile": to_dict(profile)})
+        inputs = _hash({**common, "method": arm.method, "task": to_dict(arm_task), "profile": _profile_key(profile)})
         if _done(run_dir, arm.name, inputs):
             log(f"{arm.name}: training and evaluation recorded for these inputs, reused")
             continue

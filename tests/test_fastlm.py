@@ -1,0 +1,126 @@
+"""The harness's lm-eval model class against lm-eval's stock HFLM, document by document (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import evaluate
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
+
+
+def _lms(model, tokenizer, **kw):
+    from lm_eval.models.huggingface import HFLM
+
+    from harness.fastlm import HarnessLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, **kw), HarnessLM(pretrained=model, tokenizer=tokenizer, **kw)
+
+
+def _requests(pairs):
+    from lm_eval.api.instance import Instance
+
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+
+def _assert_same(stock, fast):
+    assert len(stock) == len(fast)
+    for (a, ga), (b, gb) in zip(stock, fast, strict=True):
+        assert abs(a - b) < TOL and ga == gb
+
+
+def _mc_pairs():
+    """Multiple-choice shapes lm-eval makes: shared contexts with 2-4 choices of different lengths,
+    one-token choices (boolq), a shared continuation after differing contexts (winogrande), trailing
+    spaces, an empty context, a one-token context."""
+    q = "question: which plant will grow in the sun? answer:"
+    pairs = [(q, " water"), (q, " the rock will heat up"), (q, " light energy"), (q, " cell")]
+    pairs += [("market rates rise and profit falls. question: is it weak? answer:", c) for c in (" yes", " no")]
+    pairs += [(f"the {w} stock will rise", " and profit is up") for w in ("bank", "market")]
+    pairs += [("the bank rate cut ", "growth"), ("the bank rate cut ", "loss and falls")]
+    pairs += [("", "bank rate"), ("bank", " rate up"), ("bank", " down")]
+    return pairs
+
+
+def test_loglikelihood_matches_hflm_request_by_request(tiny):
+    stock, fast = _lms(*tiny, batch_size=3)
+    reqs = _requests(_mc_pairs())
+    a, b = stock.loglikelihood(reqs), fast.loglikelihood(reqs)
+    _assert_same(a, b)
+    assert any(g for _, g in a) or True  # greedy flags compared above, whatever their values
+
+
+def test_tokenization_is_hflms(tiny):
+    stock, fast = _lms(*tiny, batch_size=4)
+    pairs = _mc_pairs()
+    expect = []
+    for ctx, cont in pairs:
+        if ctx == "":
+            enc = stock.tok_encode(cont, add_special_tokens=False)
+            expect.append(([stock.prefix_token_id], enc))
+        else:
+            expect.append(stock._encode_pair(ctx, cont))
+    assert fast.encode_pairs(pairs) == [tuple(e) for e in expect]
+
+
+def test_over_long_inputs_are_truncated_as_hflm_does(tiny):
+    # max_length 8: most requests exceed it and HFLM left-truncates them one by one.
+    stock, fast = _lms(*tiny, batch_size=4, max_length=8)
+    reqs = _requests(_mc_pairs())
+    _assert_same(stock.loglikelihood(reqs), fast.loglikelihood(reqs))
+
+
+def test_greedy_flag_is_true_where_the_model_would_generate_the_continuation(tiny):
+    model, tokenizer = tiny
+    stock, fast = _lms(model, tokenizer, batch_size=8)
+    import torch
+
+    ids = tokenizer("the bank rate", return_tensors="pt")["input_ids"]
+    nxt = model(ids).logits[0, -1].argmax().item()
+    word = tokenizer.decode([nxt])
+    reqs = _requests([("the bank rate", " " + word), ("the bank rate", " " + ("up" if word != "up" else "down"))])
+    a, b = stock.loglikelihood(reqs), fast.loglikelihood(reqs)
+    _assert_same(a, b)
+    assert [g for _, g in b] == [True, False]
+    assert torch.is_tensor(ids)
+
+
+def test_peft_model_matches_hflm(tiny):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny
+    import copy
+
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.eval()
+    stock, fast = _lms(peft, tokenizer, batch_size=5)
+    reqs = _requests(_mc_pairs())
+    a, b = stock.loglikelihood(reqs), fast.loglikelihood(reqs)
+    _assert_same(a, b)
+    # the adapter changes the scores: the PeftModel, not its base, was run
+    base = _lms(model, tokenizer, batch_size=5)[1].loglikelihood(reqs)
+    assert max(abs(x - y) for (x, _), (y, _) in zip(a, base, strict=True)) > 1e-3
+    assert torch.is_grad_enabled()
+
+
+def test_suite_results_match_hflm_document_by_document(tiny, mirror):
+    tasks = ["arc_easy", "boolq"]
+    model, tokenizer = tiny
+    ref = evaluate.evaluate(model, tokenizer, tasks, mirror=mirror, limit=None, batch_size=4, backend="hf",
+                            raw=True)
+    got = evaluate.evaluate(model, tokenizer, tasks, mirror=mirror, limit=None, batch_size=4, backend="harness",
+                            raw=True)
+    assert ref["results"] == got["results"] or all(
+        abs(ref["results"][t][m] - got["results"][t][m]) < 1e-9
+        for t in tasks for m in ref["results"][t] if ref["results"][t][m] is not None)
+    agree = evaluate.agreement(ref["raw"], got["raw"])
+    assert agree["documents"] == 24 and agree["same_pred"] == 24 and agree["same_greedy"]
+    assert agree["max_abs_diff"] < TOL
