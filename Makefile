@@ -1,6 +1,7 @@
 # make setup                  fresh machine: virtualenv + everything (CPU torch wheel first if no torch)
 # make compare TASK=finance   the main job on the default model (smollm2-135m-instruct)
 # make test                   the test suite (what .ci/run runs)
+# make bench                  every scripts/bench_*.py (plain lm-eval vs the harness, ...): results/bench/
 VENV    ?= .venv
 TASK    ?= finance
 MODEL   ?= smollm2-135m-instruct
@@ -11,7 +12,7 @@ RUN_ID  ?=
 HARNESS_MIRROR ?= $(wildcard ../shared/hf-mirror)
 export HARNESS_MIRROR
 
-.PHONY: setup compare report test test-fast clean
+.PHONY: setup compare report test test-fast bench clean
 setup:
 	bash scripts/setup.sh $(VENV)
 
@@ -27,6 +28,10 @@ test:
 
 test-fast:
 	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+# Each script writes its own section of results/bench/<date>-<device>.md.
+bench:
+	@for s in $(wildcard scripts/bench_*.py); do echo "== $$s"; $(VENV)/bin/python $$s || exit 1; done
 
 clean:
 	rm -rf work

@@ -1,4 +1,5 @@
-"""Evaluation through lm-eval's own evaluator and task registry; the only module that imports lm_eval.
+"""Evaluation through lm-eval's own evaluator and task registry; with fastlm.py (the harness's lm-eval
+model class), the only module that imports lm_eval.
 
 Tasks are lm-eval task names: its registered benchmarks, or YAMLs under tasks/ (added to lm-eval's
 TaskManager through `include_path`). With a mirror, each task's registered YAML is loaded and its
