@@ -116,8 +116,11 @@ class HarnessLM(HFLM):
         cap = self.mc_batch_size or self.batch_size
         start = 0
         while start < len(order):
-            end, rows = start, 0
-            while end < len(order) and (end == start or rows + len(order[end][1]) <= cap):
+            end, rows, longest = start, 0, len(order[start][0])
+            # Length buckets: a context under 3/4 of the batch's longest starts a new batch, so
+            # padding stays under a quarter of the prefix tokens.
+            while end < len(order) and (end == start or (rows + len(order[end][1]) <= cap
+                                                         and 4 * len(order[end][0]) >= 3 * longest)):
                 rows += len(order[end][1])
                 end += 1
             batch = order[start:end]

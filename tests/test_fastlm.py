@@ -24,6 +24,22 @@ def _lms(model, tokenizer, **kw):
     return HFLM(pretrained=model, tokenizer=tokenizer, **kw), HarnessLM(pretrained=model, tokenizer=tokenizer, **kw)
 
 
+def test_registered_with_lm_eval():
+    from lm_eval.api.registry import get_model
+
+    from harness.fastlm import HarnessLM
+
+    assert get_model("harness") is HarnessLM
+
+
+def test_eval_backend_is_checked():
+    from harness.config import HarnessError, Profile
+
+    assert Profile().eval_backend == "harness"
+    with pytest.raises(HarnessError, match="eval_backend"):
+        Profile(eval_backend="vllm")
+
+
 def _requests(pairs):
     from lm_eval.api.instance import Instance
 
@@ -52,9 +68,7 @@ def _mc_pairs():
 def test_loglikelihood_matches_hflm_request_by_request(tiny):
     stock, fast = _lms(*tiny, batch_size=3)
     reqs = _requests(_mc_pairs())
-    a, b = stock.loglikelihood(reqs), fast.loglikelihood(reqs)
-    _assert_same(a, b)
-    assert any(g for _, g in a) or True  # greedy flags compared above, whatever their values
+    _assert_same(stock.loglikelihood(reqs), fast.loglikelihood(reqs))
 
 
 def test_tokenization_is_hflms(tiny):
@@ -80,8 +94,6 @@ def test_over_long_inputs_are_truncated_as_hflm_does(tiny):
 def test_greedy_flag_is_true_where_the_model_would_generate_the_continuation(tiny):
     model, tokenizer = tiny
     stock, fast = _lms(model, tokenizer, batch_size=8)
-    import torch
-
     ids = tokenizer("the bank rate", return_tensors="pt")["input_ids"]
     nxt = model(ids).logits[0, -1].argmax().item()
     word = tokenizer.decode([nxt])
@@ -89,16 +101,14 @@ def test_greedy_flag_is_true_where_the_model_would_generate_the_continuation(tin
     a, b = stock.loglikelihood(reqs), fast.loglikelihood(reqs)
     _assert_same(a, b)
     assert [g for _, g in b] == [True, False]
-    assert torch.is_tensor(ids)
 
 
 def test_peft_model_matches_hflm(tiny):
-    import torch
+    import copy
+
     from peft import LoraConfig, get_peft_model
 
     model, tokenizer = tiny
-    import copy
-
     peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft.eval()
     stock, fast = _lms(peft, tokenizer, batch_size=5)
@@ -108,7 +118,6 @@ def test_peft_model_matches_hflm(tiny):
     # the adapter changes the scores: the PeftModel, not its base, was run
     base = _lms(model, tokenizer, batch_size=5)[1].loglikelihood(reqs)
     assert max(abs(x - y) for (x, _), (y, _) in zip(a, base, strict=True)) > 1e-3
-    assert torch.is_grad_enabled()
 
 
 def test_suite_results_match_hflm_document_by_document(tiny, mirror):
