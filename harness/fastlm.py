@@ -21,6 +21,8 @@ to HFLM's own `_loglikelihood_tokens`, as does everything on a seq2seq model or 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 
 import torch
@@ -62,6 +64,12 @@ class HarnessLM(HFLM):
                 out[i] = answer
                 self.cache_hook.add_partial("loglikelihood", pairs[i], answer)
         return out
+
+    @functools.cached_property
+    def _cache_kwarg(self) -> str:
+        """transformers renamed forward's `past_key_values` to `cache` (5.2x; the old name goes in 5.40)."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     # -- tokenization ------------------------------------------------------------------------------
 
@@ -166,12 +174,12 @@ class HarnessLM(HFLM):
         autocast = torch.autocast(device_type=dev.type, dtype=self.mixed_precision_dtype,
                                   enabled=self.mixed_precision_dtype is not None)
         with torch.no_grad(), autocast:
-            cache = self.model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True,
-                               logits_to_keep=1).past_key_values
+            out = self.model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1)
+            cache = getattr(out, "cache", None) or out.past_key_values
             cache.reorder_cache(row_group)  # one copy of its context's cache per continuation
             logits = self.model(input_ids=inputs, attention_mask=torch.cat([prefix_mask[row_group], row_mask], 1),
-                                position_ids=positions, past_key_values=cache, use_cache=True).logits
-        del cache
+                                position_ids=positions, use_cache=True, **{self._cache_kwarg: cache}).logits
+        del cache, out
         logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
         valid = row_mask.bool()
         token_lp = logp.gather(2, targets.unsqueeze(-1)).squeeze(-1).masked_fill(~valid, 0)
