@@ -67,6 +67,9 @@ class Training:
     lr_scheduler: str = _help("transformers scheduler name", default="linear")
     logging_steps: int = _help("log the loss every N steps", default=10)
     gradient_checkpointing: bool = _help("trade compute for activation memory", default=False)
+    packing: bool = _help(
+        "padding-free batches: a micro-batch's examples in one row, attention kept within each example "
+        "(same loss as padding, less work)", default=True)
 
     def __post_init__(self):
         if self.epochs <= 0:

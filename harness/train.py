@@ -5,6 +5,11 @@
 Every trained arm sees the same examples in the same order for the same number of optimizer steps
 with the same seed (training.batch_size is the effective batch; a method's micro_batch_size only
 changes gradient accumulation). The loss is on the answer tokens only: the prompt is masked with -100.
+
+Speed without changing what is learned: a micro-batch's examples are packed into one row without
+padding (training.packing), position_ids restart at each example and SDPA's mask stays
+block-diagonal, so no example attends to another (tests/test_train_speed.py checks the loss equals
+the padded batch's); no GPU->CPU sync per step (the loss is read only every logging_steps).
 """
 
 from __future__ import annotations
@@ -58,11 +63,22 @@ def training_examples(task: TaskConfig, profile: Profile, tokenizer, *, mirror) 
     return examples, record
 
 
+def collator(tokenizer, *, packing: bool):
+    """Padding-free packing (one row per micro-batch, positions restart per example), or padding."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        # Each example's first label becomes -100: the last token of one example never learns to
+        # predict the next example (that position is prompt, already masked, in every real example).
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+
+
 def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, examples: list[dict],
         out_dir: Path) -> TrainResult:
     """Train one arm; save its checkpoint or adapter under out_dir (the git-ignored work dir)."""
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainingArguments, set_seed
 
     settings: Method | None = task.methods.get(method)
     if settings is None:
@@ -99,14 +115,25 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         bf16=cuda,  # bf16 autocast over fp32 master weights on GPU; plain fp32 on CPU
         use_cpu=not cuda,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
+        # The default filter tests every micro-step's loss for nan/inf in Python: a GPU->CPU sync per
+        # step that stalls the launch queue. A nan loss still shows in the logged history.
+        logging_nan_inf_filter=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
         remove_unused_columns=False,
         disable_tqdm=False,
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
-    with resources.measure() as measured:  # this stage's own peaks (RSS, torch allocator, NVML)
-        out = trainer.train()
+    trainer = Trainer(model=model, args=args, train_dataset=examples,
+                      data_collator=collator(tokenizer, packing=t.packing))
+    # A KV cache during training makes transformers skip the packed-sequence mask (examples would
+    # attend across their boundaries); it is useless for training anyway.
+    config = model.config
+    use_cache, config.use_cache = config.use_cache, False
+    try:
+        with resources.measure() as measured:  # this stage's own peaks (RSS, torch allocator, NVML)
+            out = trainer.train()
+    finally:
+        config.use_cache = use_cache
     seconds = measured.result["seconds"]
     saved = models.save_arm(model, tokenizer, out_dir / ("adapter" if method != "full" else "model"),
                             record={"method": method, "base_model": model_path,
@@ -119,6 +146,7 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         "micro_batch_size": micro,
         "batch_size": batch,
         "steps": max_steps,
+        "packing": t.packing,
         "epochs": round(seen / len(examples), 4),
         "train_loss": out.training_loss,
         "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],

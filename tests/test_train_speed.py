@@ -1,0 +1,119 @@
+"""Training speed levers keep the numerics: padding-free packing gives the padded batch's loss and
+gradients, masks only prompts, and leaves steps and examples the same for every arm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import models, train
+from harness.config import load_task
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, tiny_task, mirror):
+    task = load_task(str(tiny_task))
+    tok = models.load_tokenizer(str(tiny_model))
+    examples, _ = train.training_examples(task, task.profiles["quick"], tok, mirror=mirror)
+    return task, tok, examples
+
+
+def _model(path):
+    model = models.load_base(str(path))
+    model.config.use_cache = False  # as train.run sets it
+    return model
+
+
+def _loss(model, batch):
+    return model(**batch).loss
+
+
+def test_packed_loss_and_gradients_equal_padded(setup, tiny_model):
+    task, tok, examples = setup
+    feats = examples[:6]
+    padded = train.collator(tok, packing=False)(feats)
+    packed = train.collator(tok, packing=True)(feats)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["input_ids"].shape[1] == sum(len(e["input_ids"]) for e in feats)  # no padding at all
+    assert padded["input_ids"].numel() > packed["input_ids"].numel()
+    model = _model(tiny_model)
+    grads = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss = _loss(model, batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l_pad, g_pad), (l_pack, g_pack) = grads
+    torch.testing.assert_close(l_pack, l_pad, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_pack, g_pad):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_examples_do_not_see_each_other(setup, tiny_model):
+    """Changing one example must not change the loss terms of the example packed after it."""
+    _, tok, examples = setup
+    a, b = examples[0], examples[1]
+    other = dict(a, input_ids=[(t + 1) % 10 + 4 for t in a["input_ids"]])
+    model = _model(tiny_model).eval()
+    pack = train.collator(tok, packing=True)
+    with torch.no_grad():
+        logits = [model(**pack([x, b])).logits[0, len(a["input_ids"]):] for x in (a, other)]
+    torch.testing.assert_close(logits[0], logits[1])
+    # With a KV cache enabled, transformers would ignore the boundaries: the reason train.run disables it.
+    model.config.use_cache = True
+    with torch.no_grad():
+        leaky = model(**pack([other, b])).logits[0, len(a["input_ids"]):]
+    assert not torch.allclose(leaky, logits[0])
+
+
+def test_packing_masks_only_prompts(setup):
+    _, tok, examples = setup
+    feats = examples[:5]
+    packed = train.collator(tok, packing=True)(feats)
+    labels, pos = packed["labels"][0].tolist(), packed["position_ids"][0].tolist()
+    start = 0
+    for e in feats:
+        n = len(e["input_ids"])
+        assert pos[start:start + n] == list(range(n))
+        # Each example's first label is dropped (never a target: nothing precedes it), the rest kept.
+        assert labels[start] == -100 and labels[start + 1:start + n] == e["labels"][1:]
+        assert any(x != -100 for x in e["labels"]) and e["labels"][0] == -100  # answer learned, prompt masked
+        start += n
+    padded = train.collator(tok, packing=False)(feats)
+    # The trainer normalises by the target count: the same in both layouts.
+    assert (packed["labels"][..., 1:] != -100).sum() == (padded["labels"][..., 1:] != -100).sum()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_trained_weights_match_padded_training(tmp_path, tiny_model, tiny_task, mirror, method):
+    # lora_dropout=0: dropout masks depend on the tensor layout, everything else must not.
+    runs = {}
+    for packing in (True, False):
+        task = load_task(str(tiny_task), [f"training.packing={str(packing).lower()}", "lora.lora_dropout=0.0"])
+        profile = task.profiles["quick"]
+        tok = models.load_tokenizer(str(tiny_model))
+        examples, _ = train.training_examples(task, profile, tok, mirror=mirror)
+        res = train.run(method, task=task, profile=profile, model_path=str(tiny_model), examples=examples,
+                        out_dir=tmp_path / f"{method}-{packing}")
+        runs[packing] = res
+    packed, padded = runs[True], runs[False]
+    assert packed.stats["steps"] == padded.stats["steps"] and packed.stats["packing"] and not padded.stats["packing"]
+    losses = [[h["loss"] for h in r.stats["loss_history"]] for r in (packed, padded)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    sd_pack = {k: v for k, v in packed.model.named_parameters() if v.requires_grad}
+    sd_pad = {k: v for k, v in padded.model.named_parameters() if v.requires_grad}
+    assert sd_pack.keys() == sd_pad.keys() and sd_pack
+    for k in sd_pack:
+        torch.testing.assert_close(sd_pack[k], sd_pad[k], rtol=1e-3, atol=1e-4, msg=k)
+    assert packed.model.config.use_cache == padded.model.config.use_cache  # restored after training
+
+
+def test_every_arm_same_steps_and_examples(tmp_path, tiny_model, tiny_task, mirror):
+    task = load_task(str(tiny_task))
+    profile = task.profiles["quick"]
+    tok = models.load_tokenizer(str(tiny_model))
+    examples, record = train.training_examples(task, profile, tok, mirror=mirror)
+    stats = [train.run(m, task=task, profile=profile, model_path=str(tiny_model), examples=examples,
+                       out_dir=tmp_path / m).stats for m in ("full", "qlora")]
+    assert {(s["steps"], s["batch_size"], s["epochs"]) for s in stats} == {(4, 8, 1.0)}
+    assert record["examples"] == 32
