@@ -1,7 +1,8 @@
 # make setup                  fresh machine: virtualenv + everything (CPU torch wheel first if no torch)
 # make compare TASK=finance   the main job on the default model (smollm2-135m-instruct)
 # make test                   the test suite (what .ci/run runs)
-# make bench                  every scripts/bench_*.py (plain lm-eval vs the harness, ...): results/bench/
+# make bench                  every scripts/bench_*.py (plain lm-eval vs the harness, TRL SFTTrainer vs the
+#                             harness; needs the bench extra): results/bench/
 VENV    ?= .venv
 TASK    ?= finance
 MODEL   ?= smollm2-135m-instruct

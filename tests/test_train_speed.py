@@ -117,3 +117,14 @@ def test_every_arm_same_steps_and_examples(tmp_path, tiny_model, tiny_task, mirr
                        out_dir=tmp_path / m).stats for m in ("full", "qlora")]
     assert {(s["steps"], s["batch_size"], s["epochs"]) for s in stats} == {(4, 8, 1.0)}
     assert record["examples"] == 32
+
+
+def test_flos_counted_as_transformers_does(tmp_path, tiny_model):
+    from transformers import Trainer, TrainingArguments
+
+    model = models.load_base(str(tiny_model))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    batch = {"input_ids": torch.ones(2, 7, dtype=torch.long)}
+    ours = train._trainer_class()(model=model, args=args)
+    assert ours.floating_point_ops(batch) == Trainer(model=model, args=args).floating_point_ops(batch) > 0
+    assert ours.floating_point_ops(batch) == ours.floating_point_ops(batch)  # cached count, same answer
