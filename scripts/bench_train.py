@@ -8,7 +8,8 @@ effective batch, max length, learning rate and number of optimizer steps; they a
 (trl, harness, trl, harness, ...) in one process so drift in the machine hits both. TRL runs with
 SFTTrainer's defaults otherwise (TRL 1.x SFTConfig: bf16 autocast over fp32 weights, gradient
 checkpointing on, no packing, pad to the longest in the batch, completion-only loss for a
-prompt/completion dataset, logging_steps 10, fused AdamW from transformers on CUDA); on CPU bf16 is
+prompt/completion dataset with an EOS appended to each completion (so its loss has one more target
+per example: compare losses as a sanity check only), logging_steps 10, fused AdamW); on CPU bf16 is
 turned off for both. Tokens are counted the same way for both: the real (unpadded) tokens of every
 batch the trainer's collator hands over. Writes a markdown section to --out
 (default results/bench/<date>-<device>-train.md) and prints it.
@@ -103,10 +104,11 @@ def run_trl(method, task, texts, model_path, steps, out_dir):
     start = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - start
+    optim = getattr(args.optim, "value", args.optim)
     return {"seconds": seconds, "tokens": counter.tokens, "steps": trainer.state.global_step,
             "loss": out.training_loss, "peak": peak_memory(),
             "settings": f"gradient_checkpointing={args.gradient_checkpointing}, bf16={args.bf16}, "
-                        f"packing={args.packing}, padding_free={args.padding_free}, optim={args.optim}"}
+                        f"packing={args.packing}, padding_free={args.padding_free}, optim={optim}"}
 
 
 def run_harness(method, task, profile, examples, model_path, out_dir):
@@ -156,7 +158,10 @@ def main(argv=None):
     ap.add_argument("--mirror", default=None, help="dataset mirror (default: HARNESS_MIRROR)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    import peft
     import torch
+    import transformers
+    import trl
 
     task = load_task(a.task)
     batch = task.training.batch_size
@@ -196,8 +201,8 @@ def main(argv=None):
              f"Model `{a.model}`, task `{task.name}`: {record['examples']} examples ({record['tokens']:,} tokens, "
              f"{record['answer_tokens']:,} answer tokens), effective batch {task.training.batch_size}, "
              f"max_length {task.training.max_length}, {a.steps} optimizer steps per run, {a.rounds} round(s) "
-             f"alternating trl, harness. torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
-             f"trl {__import__('trl').__version__}, peft {__import__('peft').__version__}. Tokens: real (unpadded) tokens "
+             f"alternating trl, harness. torch {torch.__version__}, transformers {transformers.__version__}, "
+             f"trl {trl.__version__}, peft {peft.__version__}. Tokens: real (unpadded) tokens "
              "of the batches each trainer's collator built; time: `trainer.train()` only.", "",
              "| method | arm | round | tokens/s | steps/s | peak allocated | mean train loss | settings |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -207,8 +212,8 @@ def main(argv=None):
     lines += ["", "| method | TRL tokens/s | harness tokens/s | ratio | goal |", "| --- | --- | --- | --- | --- |"]
     for method in methods:
         # Median over rounds: one slow round (first use, a neighbour's load) does not decide the ratio.
-        tps = {arm: statistics.median(x["tokens"] / x["seconds"] for x in rows if x["method"] == method and x["arm"] == arm)
-               for arm in ("trl", "harness")}
+        tps = {arm: statistics.median(x["tokens"] / x["seconds"] for x in rows
+                                      if x["method"] == method and x["arm"] == arm) for arm in ("trl", "harness")}
         ratio = tps["harness"] / tps["trl"]
         verdict = "met" if ratio >= GOAL else "not met"
         lines.append(f"| {method} | {tps['trl']:,.0f} | {tps['harness']:,.0f} | {ratio:.2f}x | >= {GOAL}x: {verdict} |")
