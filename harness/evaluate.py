@@ -72,6 +72,19 @@ def task_config(name: str, *, mirror: Path | None) -> str | dict:
     return cfg
 
 
+def task_source(name: str, *, mirror: Path | None) -> dict:
+    """The dataset, config and split lm-eval scores for a task (its test split, else validation)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(task_manager().task_index[name].yaml_path, resolve_func=True)
+    dataset, config = cfg.get("dataset_path"), cfg.get("dataset_name")
+    for key in ("test_split", "validation_split"):
+        split = cfg.get(key)
+        if split and (mirror is None or mirror_file(mirror, dataset, config, split).exists()):
+            return {"dataset": dataset, "config": config, "split": split}
+    raise HarnessError(f"task {name}: no test or validation split of {dataset} ({config or 'default'}) found")
+
+
 def load_task_object(name: str, *, mirror: Path | None):
     """An lm-eval Task (its dataset loaded), e.g. to format training examples with its prompt."""
     built = task_manager().load_task_or_group([task_config(name, mirror=mirror)])

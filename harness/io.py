@@ -69,12 +69,13 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     env = {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-           "cpu_count": os.cpu_count()}
+           "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "gpu": None, "gpu_count": 0, "cuda": None}
     try:
         import torch
 
         if torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name(0)
+            env["gpu_count"] = torch.cuda.device_count()
             env["cuda"] = torch.version.cuda
     except ImportError:
         pass
@@ -84,3 +85,13 @@ def environment() -> dict:
     except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
     return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

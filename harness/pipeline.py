@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import baselines, evaluate, models, report, resources, train
+from harness import baselines, evaluate, models, provenance, report, resources, train
 from harness.config import METHODS, PROJECT_ROOT, HarnessError, SuiteConfig, TaskConfig, load_suite, load_task, to_dict
 from harness.data import mirror_dir
 from harness.io import environment, write_json, write_samples
@@ -123,7 +123,10 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     config = {
         "run_id": p["run_id"], "task": to_dict(task), "suite": to_dict(suite), "methods": [a.name for a in arms],
         "arms": {a.name: {"method": a.method, "overrides": list(a.overrides)} for a in arms},
-        "profile": {"name": p["profile_name"], **to_dict(profile)}, "model": resolved.to_dict(),
+        "profile": {"name": p["profile_name"], **to_dict(profile)},
+        "model": {**resolved.to_dict(), **provenance.model_hash(resolved.path)},
+        "datasets": provenance.datasets(to_dict(task.train), eval_tasks + ([suite.perplexity.task] if suite.perplexity else []),
+                                        mirror=mirror),
         "mirror": str(mirror) if mirror else None, "overrides": list(spec.overrides),
         "device": models.device_kind(), "environment": environment(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -3,21 +3,26 @@
     harness report results/finance/<run-id>
 
 Reads config.json, arms/<arm>.json and samples/<arm>.csv; recomputes nothing that needs a model.
-Writes metrics.json (per arm and task: score, stderr, n; per comparison: paired statistics),
-results.csv (one row per arm x task x metric), report.md and scores.png/.svg.
+Writes metrics.json (per arm: lm-eval-style results, training and evaluation resources; per
+comparison: paired statistics; provenance), results.csv (one row per arm x task x metric),
+report.md and report.html (the same document; the HTML embeds its images), and the plots
+(scores, tradeoff, resources, heatmap for sweeps; PNG and SVG). Regenerating is byte-stable.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
-from harness import stats
+from harness import plots, stats
 from harness.io import read_json, read_samples, write_json, write_text
+from harness.render import to_html, to_markdown
 
 N_BOOT = 10_000
-NF4_REFERENCE = "base-nf4"  # the base quantized as QLoRA loads it, no adapter
+NF4_REFERENCE = plots.NF4_REFERENCE  # the base quantized as QLoRA loads it, no adapter
+HEATMAP_MIN_ARMS = 3  # a task x arm grid pays off for sweeps, not for two arms
 
 
 def run(run_dir: Path) -> Path:
@@ -26,7 +31,7 @@ def run(run_dir: Path) -> Path:
     suite_tasks = [t["task"] for t in config["suite"]["tasks"]]
     metric_of = {t["task"]: t["metric"] for t in config["suite"]["tasks"] + config["task"]["in_domain"]}
     domain_tasks = [t["task"] for t in config["task"]["in_domain"]]
-    arms = _load_arms(run_dir, ["base", NF4_REFERENCE, *config["methods"]])
+    arms, failed = _load_arms(run_dir, ["base", NF4_REFERENCE, *config["methods"]])
     if "base" not in arms:
         raise FileNotFoundError(f"{run_dir}/arms/base.json: the base evaluation is missing")
     seed = config["task"]["training"]["seed"]
@@ -39,6 +44,7 @@ def run(run_dir: Path) -> Path:
                           "stderr": arm["results"][t].get(f"{metric_of[t]}_stderr"), "n": arm["n"][t],
                           "all": arm["results"][t]} for t in arm["results"]},
             "train": arm["train"], "eval_seconds": arm["eval_seconds"], "perplexity": arm.get("perplexity"),
+            "eval_resources": arm.get("eval_resources"), "lm_eval": _lm_eval_results(arm),
         }
     for name, arm in arms.items():
         if name == "base":
@@ -49,16 +55,44 @@ def run(run_dir: Path) -> Path:
         if (arm["train"] or {}).get("method") == "qlora" and NF4_REFERENCE in arms:
             comp["vs_nf4_base"] = _compare(arms[NF4_REFERENCE], arm, metric_of, suite_tasks, domain_tasks, seed)
         metrics["comparisons"][name] = comp
+    metrics["failed_arms"] = failed
+    metrics["missing_arms"] = [m for m in config["methods"] if m not in arms and m not in failed]
+    metrics["provenance"] = _provenance(config)
     metrics["summary"] = summary(metrics, suite_tasks, domain_tasks)
-    metrics["missing_arms"] = [m for m in config["methods"] if m not in arms]
 
     write_json(run_dir / "metrics.json", metrics)
     write_text(run_dir / "results.csv", _csv(metrics, suite_tasks))
-    _plot(metrics, suite_tasks + [t for t in domain_tasks if t not in suite_tasks], run_dir)
-    if any(c["forgetting"] and c["learning"] for c in metrics["comparisons"].values()):
-        _plot_tradeoff(metrics, run_dir)
-    write_text(run_dir / "report.md", _markdown(metrics, config, suite_tasks, domain_tasks))
+    figures = _plots(metrics, suite_tasks, domain_tasks, run_dir)
+    blocks = _document(metrics, config, suite_tasks, domain_tasks, figures)
+    write_text(run_dir / "report.md", to_markdown(blocks))
+    write_text(run_dir / "report.html", to_html(blocks, run_dir, title=_title(config)))
     return run_dir / "report.md"
+
+
+def _lm_eval_results(arm: dict) -> dict:
+    """The arm's scores in lm-eval's own results layout ("metric,filter" keys), for tools that read it."""
+    results = {t: {"alias": t, **{f"{k},none": v for k, v in r.items()}} for t, r in arm["results"].items()}
+    ppl = arm.get("perplexity")
+    if ppl:
+        results[ppl["task"]] = {"alias": ppl["task"], **{f"{k},none": v for k, v in ppl.items()
+                                                       if k not in ("task", "n", "seconds")}}
+    n = {t: {"effective": c} for t, c in arm["n"].items()}
+    if ppl:
+        n[ppl["task"]] = {"effective": ppl["n"]}
+    return {"results": results, "versions": arm.get("versions", {}), "n-samples": n}
+
+
+def _provenance(config: dict) -> dict:
+    td = config.get("train_data") or {}
+    datasets = config.get("datasets")
+    if datasets is None and td:  # runs before content hashing recorded only the training split
+        datasets = [{"id": td.get("dataset"), "config": td.get("config"), "split": td.get("split"),
+                     "rows": td.get("rows"), "sha256": None, "used_for": "train"}]
+    return {"model": config["model"], "datasets": datasets or [], "environment": config["environment"],
+            "seed": config["task"]["training"]["seed"], "profile": config["profile"], "device": config.get("device"),
+            "mirror": config.get("mirror"), "overrides": config.get("overrides", []),
+            "started": config.get("started"), "finished": config.get("finished"),
+            "wall_seconds": config.get("wall_seconds")}
 
 
 def _compare(base: dict, arm: dict, metric_of: dict, suite_tasks: list[str], domain_tasks: list[str],
@@ -88,14 +122,20 @@ def _compare(base: dict, arm: dict, metric_of: dict, suite_tasks: list[str], dom
     return comp
 
 
-def _load_arms(run_dir: Path, names: list[str]) -> dict:
-    arms = {}
+def _load_arms(run_dir: Path, names: list[str]) -> tuple[dict, dict]:
+    """Evaluated arms with their per-document records; and {arm: error} for arms recorded as failed."""
+    arms, failed = {}, {}
     for name in names:
         path = run_dir / "arms" / f"{name}.json"
-        if path.exists():
-            arms[name] = read_json(path)
-            arms[name]["samples"] = read_samples(run_dir / "samples" / f"{name}.csv")
-    return arms
+        if not path.exists():
+            continue
+        record = read_json(path)
+        if record.get("status") == "failed":
+            failed[name] = record.get("error") or "no error message recorded"
+            continue
+        arms[name] = record
+        arms[name]["samples"] = read_samples(run_dir / "samples" / f"{name}.csv")
+    return arms, failed
 
 
 # ---------------------------------------------------------------- words computed from numbers
@@ -134,6 +174,9 @@ def summary(metrics: dict, suite_tasks: list[str], domain_tasks: list[str]) -> s
             word = "a significant" if l["significant"] else "a non-significant"
             learn = f" at {word} in-domain change of {100 * l['delta']:+.1f} points ({_interval(l)})"
         parts.append(f"**{arm}** {gen}{learn}.")
+        cost = _cost(metrics["arms"][arm]["train"])
+        if cost:
+            parts.append(cost)
         q = comp.get("vs_nf4_base")
         if q and q["forgetting"]:
             sig = "" if q["forgetting"]["significant"] else ", not significant"
@@ -145,7 +188,34 @@ def summary(metrics: dict, suite_tasks: list[str], domain_tasks: list[str]) -> s
         worst = min(ranked, key=lambda x: x[1])
         parts.append(f"Most negative mean general change: {worst[0]} ({100 * worst[1]:+.1f} points); "
                      "compare CIs before calling one arm more forgetful than another.")
+    for arm, error in metrics.get("failed_arms", {}).items():
+        parts.append(f"**{arm}** failed and has no scores ({_first_line(error)}).")
     return " ".join(parts)
+
+
+def _first_line(text: str) -> str:
+    return str(text).strip().splitlines()[0][:200] if str(text).strip() else "no message"
+
+
+def _peak(stage: dict | None) -> tuple[int | None, str]:
+    """The stage's headline peak memory: GPU allocated by torch where recorded, else the process RSS."""
+    stage = stage or {}
+    if stage.get("peak_gpu_allocated_bytes"):
+        return stage["peak_gpu_allocated_bytes"], "GPU allocated"
+    return stage.get("peak_rss_bytes"), "RSS"
+
+
+def _cost(t: dict | None) -> str:
+    """What training the arm cost, in one sentence."""
+    if not t:
+        return ""
+    mem, kind = _peak(t)
+    saved = t.get("saved") or {}
+    what = "checkpoint" if t.get("method") == "full" else "adapter"
+    peak = f" at a peak of {_size(mem)} ({kind})" if mem else ""
+    stored = f"; it stores a {_size(saved['bytes'])} {what}{_dtype(saved)}" if saved.get("bytes") else ""
+    return (f"Training took {t['seconds']:.0f} s ({t['tokens_per_second']:,.0f} tokens/s){peak}, "
+            f"{t['trainable_pct']:.2f}% of parameters trainable{stored}.")
 
 
 # ---------------------------------------------------------------- tables
@@ -193,21 +263,21 @@ def _dtype(saved: dict) -> str:
     return f" ({saved['dtype']})" if saved.get("dtype") else ""  # runs before 2026-11-28 did not record it
 
 
-def _score_table(metrics: dict, tasks: list[str]) -> list[str]:
+def _score_table(metrics: dict, tasks: list[str]) -> tuple:
     arms = [a for a in metrics["arms"] if a != "base"]
-    head = "| task | metric | n | base | " + " | ".join(f"{a} | Δ {a} [95% CI]" for a in arms) + " |"
-    lines = [head, "|" + " --- |" * (4 + 2 * len(arms))]
+    header = ["task", "metric", "n", "base"] + [c for a in arms for c in (a, f"Δ {a} [95% CI]")]
+    rows = []
     for task in tasks:
         b = metrics["arms"]["base"]["tasks"].get(task)
         if b is None:
             continue
-        row = f"| {task} | {b['metric']} | {b['n']} | {_fmt(b['score'])} |"
+        row = [task, b["metric"], b["n"], _fmt(b["score"])]
         for a in arms:
             t = metrics["arms"][a]["tasks"].get(task)
             c = metrics["comparisons"][a]["tasks"].get(task, {}).get(b["metric"])
-            row += f" {_fmt(t['score']) if t else 'n/a'} | {_ci(c)} |"
-        lines.append(row)
-    return lines
+            row += [_fmt(t["score"]) if t else "n/a", _ci(c)]
+        rows.append(row)
+    return ("table", header, rows)
 
 
 def _limits(prof: dict) -> str:
@@ -216,182 +286,229 @@ def _limits(prof: dict) -> str:
     return f"{docs}, {'all training examples' if n is None else f'{n} training examples'}"
 
 
-def _markdown(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks: list[str]) -> str:
+def _title(config: dict) -> str:
+    return f"Forgetting report: {config['task']['name']} on {config['model']['name']}"
+
+
+def _s(seconds) -> str:
+    return "–" if seconds is None else f"{seconds:,.0f} s"
+
+
+def _b(n) -> str:
+    return "–" if not n else _size(n)
+
+
+# ---------------------------------------------------------------- the document
+
+
+def _document(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks: list[str],
+              figures: list[tuple]) -> list[tuple]:
     prof = config["profile"]
     td = config.get("train_data", {})
     env = config["environment"]
-    lines = [
-        f"# Forgetting report: {config['task']['name']} on {config['model']['name']}",
-        "",
-        metrics["summary"],
-        "",
-        *([f"**Not in this report:** {', '.join(metrics['missing_arms'])} (requested, but no evaluation was "
-           "recorded: the run stopped before it finished).", ""] if metrics["missing_arms"] else []),
-        f"- **Run** `{config['run_id']}`, profile **{prof['name']}**: {_limits(prof)}.",
-        f"- **Model** {config['model']['name']} — {config['model']['detail']}.",
-        f"- **Training data** {td.get('dataset', 'n/a')} ({td.get('split', '')}): {td.get('examples', 'n/a')} of "
-        f"{td.get('rows', 'n/a')} rows, {td.get('tokens', 'n/a')} tokens; loss on the answer only; "
-        f"format from lm-eval task `{config['task']['train']['format_task']}`.",
-        f"- **Device** {env.get('gpu') or 'CPU'} ({config['device']}); seed {config['task']['training']['seed']}; "
-        f"{', '.join(f'{k} {v}' for k, v in env['packages'].items() if v)}.",
-        "",
-        "Scores in percent. Δ is arm − base on the same documents, with a 95% paired bootstrap CI; "
-        "where the CI spans 0 the change is *not significant*.",
-        "",
-        "## General benchmarks (forgetting)",
-        "",
-        *_score_table(metrics, suite_tasks),
-        "",
-        "## In-domain (learning)",
-        "",
-        *_score_table(metrics, domain_tasks),
-        "",
-        "## Aggregates",
-        "",
-        "| arm | forgetting score: mean Δ over the suite | Biderman et al. avg (hellaswag, arc_challenge, winogrande acc) | learning: mean in-domain Δ |",
-        "| --- | --- | --- | --- |",
+    notes = []
+    if metrics["failed_arms"]:
+        notes.append(("p", "**Failed arms:** " + "; ".join(f"{a}: `{_first_line(e)}`" for a, e in
+                                                           metrics["failed_arms"].items())
+                      + " (see arms/<arm>.json for the full error)."))
+    if metrics["missing_arms"]:
+        notes.append(("p", f"**Not in this report:** {', '.join(metrics['missing_arms'])} (requested, but no "
+                      "evaluation was recorded: the run stopped before it finished)."))
+    blocks = [
+        ("h", 1, _title(config)),
+        ("p", metrics["summary"]),
+        *notes,
+        ("ul", [
+            f"**Run** `{config['run_id']}`, profile **{prof['name']}**: {_limits(prof)}.",
+            f"**Model** {config['model']['name']} — {config['model']['detail']}.",
+            f"**Training data** {td.get('dataset', 'n/a')} ({td.get('split', '')}): {td.get('examples', 'n/a')} of "
+            f"{td.get('rows', 'n/a')} rows, {td.get('tokens', 'n/a')} tokens; loss on the answer only; "
+            f"format from lm-eval task `{config['task']['train']['format_task']}`.",
+            f"**Device** {env.get('gpu') or 'CPU'} ({config['device']}); seed {config['task']['training']['seed']}. "
+            "Full provenance at the end.",
+        ]),
+        ("p", "Scores in percent. Δ is arm − base on the same documents, with a 95% paired bootstrap CI; "
+              "where the CI spans 0 the change is *not significant*."),
+        ("h", 2, "General benchmarks (forgetting)"), _score_table(metrics, suite_tasks),
+        ("h", 2, "In-domain (learning)"), _score_table(metrics, domain_tasks),
+        *_aggregates(metrics), *_perplexity(metrics), *_flips(metrics, suite_tasks + domain_tasks),
+        *_training(metrics), *_resources(metrics),
+        ("h", 2, "Plots"),
     ]
+    for stem, title, alt, caption in figures:
+        blocks += [("h", 3, title), ("img", f"{stem}.png", alt)] + ([("p", caption)] if caption else [])
+    blocks += _provenance_blocks(metrics, config)
+    blocks.append(("p", "Files: `metrics.json` (all statistics, resources and provenance; per arm an lm-eval-style "
+                        "`results` block), `results.csv` (one row per arm × task × metric), `samples/` (per-document "
+                        "records), `config.json` (the resolved configuration and environment), `report.html` (this "
+                        "report as one self-contained page)."))
+    return blocks
+
+
+def _aggregates(metrics: dict) -> list[tuple]:
+    rows = []
     for arm, c in metrics["comparisons"].items():
-        bid = c["biderman"]
-        bid_s = f"{_fmt(bid['base'])} → {_fmt(bid['arm'])} ({_ci(bid)})" if bid else "n/a"
-        lines.append(f"| {arm} | {_ci(c['forgetting'])} | {bid_s} | {_ci(c['learning'])} |")
-        q = c.get("vs_nf4_base")
-        if q:
-            qb = q["biderman"]
-            qb_s = f"{_fmt(qb['base'])} → {_fmt(qb['arm'])} ({_ci(qb)})" if qb else "n/a"
-            lines.append(f"| {arm} vs {NF4_REFERENCE} (training alone) | {_ci(q['forgetting'])} | {qb_s} | "
-                         f"{_ci(q['learning'])} |")
+        for label, comp in ((arm, c), (f"{arm} vs {NF4_REFERENCE} (training alone)", c.get("vs_nf4_base"))):
+            if comp is None:
+                continue
+            bid = comp["biderman"]
+            bid_s = f"{_fmt(bid['base'])} → {_fmt(bid['arm'])} ({_ci(bid)})" if bid else "n/a"
+            rows.append([label, _ci(comp["forgetting"]), bid_s, _ci(comp["learning"])])
+    header = ["arm", "forgetting score: mean Δ over the suite",
+              "Biderman et al. avg (hellaswag, arc_challenge, winogrande acc)", "learning: mean in-domain Δ"]
+    return [("h", 2, "Aggregates"), ("table", header, rows)]
+
+
+def _perplexity(metrics: dict) -> list[tuple]:
     ppl_rows = [(arm, c["perplexity"]) for arm, c in metrics["comparisons"].items() if c.get("perplexity")]
-    if ppl_rows:
-        base_ppl = metrics["arms"]["base"]["perplexity"]
-        lines += ["", f"## Perplexity drift ({base_ppl['task']}, {base_ppl['n']} documents)", "",
-                  "Lower is better; a rise means the arm models general text worse than the base.", "",
-                  "| arm | word perplexity | Δ | bits per byte | Δ |", "| --- | --- | --- | --- | --- |",
-                  f"| base | {base_ppl['word_perplexity']:.3f} | | {base_ppl['bits_per_byte']:.4f} | |"]
-        for arm, d in ppl_rows:
-            w, b = d["word_perplexity"], d["bits_per_byte"]
-            lines.append(f"| {arm} | {w['arm']:.3f} | {w['delta']:+.3f} ({w['rel_pct']:+.1f}%) | {b['arm']:.4f} | "
-                         f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%) |")
-            q = (metrics["comparisons"][arm].get("vs_nf4_base") or {}).get("perplexity")
-            if q:
-                w, b = q["word_perplexity"], q["bits_per_byte"]
-                lines.append(f"| {arm} vs {NF4_REFERENCE} | | {w['delta']:+.3f} ({w['rel_pct']:+.1f}%) | | "
-                             f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%) |")
-    lines += ["", "## Flips (counted metric)", "",
-              "| arm | task | forgotten (base right, arm wrong) | gained | McNemar exact p |", "| --- | --- | --- | --- | --- |"]
+    if not ppl_rows:
+        return []
+    base_ppl = metrics["arms"]["base"]["perplexity"]
+    rows = [["base", f"{base_ppl['word_perplexity']:.3f}", "", f"{base_ppl['bits_per_byte']:.4f}", ""]]
+    for arm, d in ppl_rows:
+        w, b = d["word_perplexity"], d["bits_per_byte"]
+        rows.append([arm, f"{w['arm']:.3f}", f"{w['delta']:+.3f} ({w['rel_pct']:+.1f}%)", f"{b['arm']:.4f}",
+                     f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%)"])
+        q = (metrics["comparisons"][arm].get("vs_nf4_base") or {}).get("perplexity")
+        if q:
+            w, b = q["word_perplexity"], q["bits_per_byte"]
+            rows.append([f"{arm} vs {NF4_REFERENCE}", "", f"{w['delta']:+.3f} ({w['rel_pct']:+.1f}%)", "",
+                         f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%)"])
+    return [("h", 2, f"Perplexity drift ({base_ppl['task']}, {base_ppl['n']} documents)"),
+            ("p", "Lower is better; a rise means the arm models general text worse than the base."),
+            ("table", ["arm", "word perplexity", "Δ", "bits per byte", "Δ"], rows)]
+
+
+def _flips(metrics: dict, tasks: list[str]) -> list[tuple]:
+    rows = []
     for arm, c in metrics["comparisons"].items():
-        for task in suite_tasks + domain_tasks:
+        for task in tasks:
             m = metrics["arms"]["base"]["tasks"].get(task, {}).get("metric")
             s = c["tasks"].get(task, {}).get(m)
             if s and s.get("forgotten") is not None:
-                lines.append(f"| {arm} | {task} | {s['forgotten']} ({100 * s['forgotten_rate']:.1f}%) | "
-                             f"{s['gained']} ({100 * s['gained_rate']:.1f}%) | {s['mcnemar_p']:.3g} |")
-    lines += ["", "## Training and resources", "",
-              "| arm | steps | lr | final loss | train time | tokens/s | trainable params | saved (safetensors) | peak memory | eval time |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                rows.append([arm, task, f"{s['forgotten']} ({100 * s['forgotten_rate']:.1f}%)",
+                             f"{s['gained']} ({100 * s['gained_rate']:.1f}%)", f"{s['mcnemar_p']:.3g}"])
+    header = ["arm", "task", "forgotten (base right, arm wrong)", "gained", "McNemar exact p"]
+    return [("h", 2, "Flips (counted metric)"), ("table", header, rows)]
+
+
+def _training(metrics: dict) -> list[tuple]:
+    rows = []
     for arm, a in metrics["arms"].items():
         t = a["train"]
-        if t is None:
-            lines.append(f"| {arm} | – | – | – | – | – | – | – | – | {a['eval_seconds']:.0f} s |")
-            continue
-        mem = t.get("peak_gpu_allocated_bytes")
-        mem_s = f"{_size(mem)} GPU alloc." if mem else f"{_size(t['peak_rss_bytes'])} RSS"
-        kind = "checkpoint" if t["method"] == "full" else "adapter"
-        base4 = ", base 4-bit" if t.get("base_4bit") else ""
-        lines.append(f"| {arm} | {t['steps']} | {t['learning_rate']:g} | {t['train_loss']:.4f} | {t['seconds']:.0f} s | "
-                     f"{t['tokens_per_second']:,.0f} | {t['trainable_params']:,} ({t['trainable_pct']:.2f}%{base4}) | "
-                     f"{kind} {_size(t['saved']['bytes'])}{_dtype(t['saved'])} | {mem_s} | {a['eval_seconds']:.0f} s |")
-    stages = []
+        if t:
+            rows.append([arm, t["method"], t["steps"], f"{t.get('epochs', 'n/a')}", t.get("batch_size", "n/a"),
+                         f"{t['learning_rate']:g}", f"{t['train_loss']:.4f}", t.get("compute_dtype") or "n/a"])
+    if not rows:
+        return []
+    header = ["arm", "method", "steps", "epochs", "batch", "lr", "final loss", "compute"]
+    return [("h", 2, "Training"), ("table", header, rows)]
+
+
+def _stage_row(arm: str, stage: str, r: dict, throughput: str) -> list:
+    return [arm, stage, _s(r.get("seconds")), _b(r.get("peak_gpu_allocated_bytes")),
+            _b(r.get("peak_gpu_reserved_bytes")), _b(r.get("peak_nvml_used_bytes")), _b(r.get("peak_rss_bytes")),
+            _b(r.get("model_footprint_bytes")), throughput]
+
+
+def _resources(metrics: dict) -> list[tuple]:
+    """Memory and time per arm and stage; parameters and storage per arm ("–": not recorded)."""
+    rows, storage = [], []
     for arm, a in metrics["arms"].items():
-        train_s = f"train {a['train']['seconds']:.0f} s + " if a["train"] else ""
-        stages.append(f"{arm} {train_s}eval {a['eval_seconds']:.0f} s")
-    lines += ["", "Stage wall times: " + "; ".join(stages) + "."]
-    lines += ["", "## Scores before and after", "", "![scores per task and arm](scores.png)", ""]
+        t = a["train"]
+        if t:
+            rows.append(_stage_row(arm, "train", t, f"{t['tokens_per_second']:,.0f} tokens/s, "
+                                                    f"{t.get('examples_per_second', 0):,.2f} examples/s"))
+        ev = dict(a.get("eval_resources") or {})
+        ev.setdefault("seconds", a["eval_seconds"])
+        ppl = a.get("perplexity") or {}
+        row = _stage_row(arm, "eval", ev, "")
+        if ppl.get("seconds"):
+            row[2] += f" (+ {_s(ppl['seconds'])} perplexity)"
+        rows.append(row)
+        if t:
+            saved = t.get("saved") or {}
+            what = "full checkpoint" if t["method"] == "full" else "adapter"
+            storage.append([arm, f"{t['trainable_params']:,}", f"{t['total_params']:,}", f"{t['trainable_pct']:.2f}%",
+                            "4-bit NF4" if t.get("base_4bit") else "16/32-bit (unquantized)",
+                            what, saved.get("dtype") or "not recorded", _b(saved.get("bytes"))])
+    header = ["arm", "stage", "wall time", "peak GPU allocated (torch)", "peak GPU reserved (torch)",
+              "peak GPU used (NVML)", "peak RSS", "loaded model", "throughput"]
+    out = [("h", 2, "Resources"),
+           ("p", "Per arm and stage. GPU figures come from torch's allocator (allocated, reserved) and the "
+                 "device's own count (NVML); on CPU, the process's peak resident memory (RSS) is the measure. "
+                 "“–”: not recorded by this run."),
+           ("table", header, rows)]
+    if storage:
+        out += [("h", 3, "Parameters and storage"),
+                ("table", ["arm", "trainable params", "total params", "trainable", "base weights", "saved",
+                           "saved dtype", "on disk"], storage)]
+    return out
+
+
+def _provenance_blocks(metrics: dict, config: dict) -> list[tuple]:
+    p = metrics["provenance"]
+    model, env = p["model"], p["environment"]
+    sha = model.get("content_sha256")
+    mirror = f"`{p['mirror']}`" if p["mirror"] else "none (datasets from the hub)"
+    wall = f", wall time {p['wall_seconds']:,.0f} s" if p.get("wall_seconds") else ""
+    blocks = [("h", 2, "Provenance"), ("ul", [
+        f"**Base model** `{model['name']}` (source: {model.get('source', 'n/a')}) — {model.get('detail', '')}.",
+        f"**Model content sha256** `{sha}` over {', '.join(f'`{f}`' for f in model.get('files', {}))}"
+        if sha else "**Model content sha256** not recorded (the run predates content hashing).",
+        f"**Seed** {p['seed']}; **profile** {p['profile']['name']}: {_limits(p['profile'])}"
+        f"{'; max steps ' + str(p['profile']['max_steps']) if p['profile'].get('max_steps') else ''}.",
+        f"**Overrides** {' '.join(f'`{o}`' for o in p['overrides']) or 'none'}; **mirror** {mirror}.",
+        f"**Started** {p['started'] or 'n/a'}, **finished** {p['finished'] or 'n/a'}"
+        f"{wall}.",
+    ])]
+    rows = [[d.get("used_for", ""), d.get("id", ""), d.get("config") or "default", d.get("split", ""),
+             f"{d['rows']:,}" if d.get("rows") is not None else "n/a",
+             f"`{d['sha256'][:16]}…`" if d.get("sha256") else (f"fingerprint `{d['fingerprint']}`"
+                                                               if d.get("fingerprint") else "not recorded")]
+            for d in p["datasets"]]
+    blocks += [("h", 3, "Datasets"), ("table", ["used for", "dataset", "config", "split", "rows", "sha256"], rows)]
+    hw = [["python", env.get("python")], ["platform", env.get("platform")],
+          ["CPU", f"{env.get('cpu') or 'model not recorded'}, {env.get('cpu_count')} cores"],
+          ["GPU", f"{env['gpu']} × {env.get('gpu_count') or 1}" if env.get("gpu") else "none"],
+          ["CUDA", env.get("cuda") or "n/a"], ["git commit", env.get("git_commit") or "n/a"]]
+    hw += [[k, v or "not installed"] for k, v in env.get("packages", {}).items()]
+    blocks += [("h", 3, "Environment"), ("table", ["", "version / value"], [[k, str(v)] for k, v in hw]),
+               ("code", "Resolved configuration (config.json)", json.dumps(config, indent=2, sort_keys=True))]
+    return blocks
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _plots(metrics: dict, suite_tasks: list[str], domain_tasks: list[str], run_dir: Path) -> list[tuple]:
+    """Draw the plots this run supports; returns (stem, title, alt text, caption) for each."""
+    tasks = suite_tasks + [t for t in domain_tasks if t not in suite_tasks]
+    plots.scores(metrics, tasks, run_dir)
+    figures = [("scores", "Scores before and after", "scores per task and arm, with 95% CI error bars", "")]
     if any(c["forgetting"] and c["learning"] for c in metrics["comparisons"].values()):
-        lines += ["## Learning vs forgetting", "",
-                  "![in-domain learning against the forgetting score, one point per arm](tradeoff.png)", "",
-                  "Each point is an arm: x is the mean in-domain Δ, y the forgetting score (mean Δ over the "
-                  "suite), bars are 95% CIs; the line joins the arms no other arm beats on both.", ""]
-    lines += [
-              "Files: `metrics.json` (all statistics), `results.csv` (one row per arm × task × metric), "
-              "`samples/` (per-document records), `config.json` (the resolved configuration and environment).", ""]
-    return "\n".join(lines)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    matplotlib.rcParams["svg.hashsalt"] = "harness"  # fixed SVG ids: regenerated reports are byte-stable
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, stem: Path) -> None:
-    """PNG and SVG; fixed metadata keeps regenerated images byte-stable."""
-    fig.axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=120, metadata={"Software": None})
-    fig.savefig(stem.with_suffix(".svg"), metadata={"Date": None, "Creator": None})
-    plt.close(fig)
-
-
-def _plot(metrics: dict, tasks: list[str], run_dir: Path) -> None:
-    plt = _pyplot()
-    import numpy as np
-
-    arms = list(metrics["arms"])
-    x = np.arange(len(tasks))
-    width = 0.8 / len(arms)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(tasks)), 4))
-    for i, arm in enumerate(arms):
-        scores, errs = [], []
-        for t in tasks:
-            r = metrics["arms"][arm]["tasks"].get(t, {})
-            scores.append(100 * (r.get("score") or 0))
-            errs.append(196 * (r.get("stderr") or 0))
-        ax.bar(x + (i - (len(arms) - 1) / 2) * width, scores, width, yerr=errs, capsize=2, label=arm)
-    ax.set_xticks(x, [f"{t}\n({metrics['arms']['base']['tasks'][t]['metric']})" for t in tasks], fontsize=8)
-    ax.set_ylabel("score (%), ±95% CI")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{metrics['task']}: before (base) and after fine-tuning — {metrics['profile']['name']} profile")
-    _save(plt, fig, run_dir / "scores")
-
-
-def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
-    """Names of the points no other point beats on both axes (more learning, less forgetting)."""
-    front = []
-    for name, x, y in points:
-        dominated = any(ox >= x and oy >= y and (ox > x or oy > y) for _, ox, oy in points)
-        if not dominated:
-            front.append(name)
-    return front
-
-
-def _plot_tradeoff(metrics: dict, run_dir: Path) -> None:
-    """The learning-forgetting plane of Biderman et al. (2024), one point per arm."""
-    plt = _pyplot()
-
-    pts, colors = [], {}
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for arm, c in metrics["comparisons"].items():
-        f, l = c["forgetting"], c["learning"]
-        if not (f and l):
-            continue
-        method = (metrics["arms"][arm]["train"] or {}).get("method", arm)
-        color = colors.setdefault(method, f"C{len(colors)}")
-        x, y = 100 * l["delta"], 100 * f["delta"]
-        ax.errorbar(x, y, xerr=[[x - 100 * l["ci_low"]], [100 * l["ci_high"] - x]],
-                    yerr=[[y - 100 * f["ci_low"]], [100 * f["ci_high"] - y]], fmt="o", color=color, capsize=3,
-                    label=method if method not in [h.get_label() for h in ax.get_legend_handles_labels()[0]] else None)
-        ax.annotate(arm, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        pts.append((arm, x, y))
-    front = sorted((p for p in pts if p[0] in pareto_front(pts)), key=lambda p: p[1])
-    if len(front) > 1:
-        ax.plot([p[1] for p in front], [p[2] for p in front], "--", color="grey", lw=1, label="Pareto frontier")
-    ax.axhline(0, color="black", lw=0.5)
-    ax.set_xlabel("learning: mean in-domain Δ (points)")
-    ax.set_ylabel("forgetting score: mean general Δ (points)")
-    ax.set_title(f"{metrics['task']}: learning vs forgetting ({metrics['profile']['name']} profile)")
-    _save(plt, fig, run_dir / "tradeoff")
+        plots.tradeoff(metrics, run_dir)
+        figures.append(("tradeoff", "Learning vs forgetting",
+                        "in-domain learning against the forgetting score, one point per arm",
+                        "Each point is an arm: x is the mean in-domain Δ, y the forgetting score (mean Δ over the "
+                        "suite), bars are 95% CIs; the line joins the arms no other arm beats on both."))
+    trained = [a for a, v in metrics["arms"].items() if v["train"]]
+    if len(trained) >= HEATMAP_MIN_ARMS:
+        plots.heatmap(metrics, tasks, trained, run_dir)
+        figures.append(("heatmap", "Δ per task and arm", "task by arm heat map of Δ against the base",
+                        "Colour: Δ in points (blue gain, red loss); * marks a 95% CI that excludes 0."))
+    rows = []
+    for arm, a in metrics["arms"].items():
+        t = a["train"] or {}
+        ev = a.get("eval_resources") or {}
+        gpu = any(x.get("peak_gpu_allocated_bytes") for x in (t, ev))
+        key = "peak_gpu_allocated_bytes" if gpu else "peak_rss_bytes"
+        rows.append({"arm": arm, "train_mem": t.get(key), "eval_mem": ev.get(key),
+                     "mem_kind": "GPU allocated" if gpu else "RSS", "saved": (t.get("saved") or {}).get("bytes"),
+                     "footprint": t.get("model_footprint_bytes") or ev.get("model_footprint_bytes")})
+    if any(r["train_mem"] or r["saved"] for r in rows):
+        plots.resources(rows, run_dir)
+        figures.append(("resources", "Memory and storage", "peak memory and storage per arm, log scale",
+                        "Log scale: a full checkpoint and an adapter differ by orders of magnitude. "
+                        "Missing bars: not recorded by this run."))
+    return figures
