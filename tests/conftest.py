@@ -103,6 +103,30 @@ def tiny_task(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def run(tmp_path_factory, tiny_model, tiny_task, mirror):
+    """One compare run (full, lora, qlora on the tiny model), shared by the pipeline and report tests."""
+    out = tmp_path_factory.mktemp("out")
+    with pytest.MonkeyPatch.context() as mp:  # session fixtures run before the function-scoped _offline
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HARNESS_CACHE", str(out / "cache"))
+        result = _compare(out, tiny_model, tiny_task, mirror)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def _compare(out, tiny_model, tiny_task, mirror):
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    args = ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", "full,lora,qlora",
+            "--profile", "quick", "--mirror", str(mirror), "--run-id", "t1",
+            "--results-dir", str(out / "results"), "--work-dir", str(out / "work")]
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path):
     """Tests never reach for the hub, and never touch the user's model cache."""

@@ -12,17 +12,6 @@ from safetensors.torch import load_file
 from harness.cli import cli
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model, tiny_task, mirror):
-    out = tmp_path_factory.mktemp("out")
-    args = ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", "full,lora,qlora",
-            "--profile", "quick", "--mirror", str(mirror), "--run-id", "t1",
-            "--results-dir", str(out / "results"), "--work-dir", str(out / "work")]
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out, result
-
-
 def test_report_files_written(run):
     out, result = run
     run_dir = out / "results" / "finance" / "t1"
@@ -98,7 +87,9 @@ def test_rerun_reuses_recorded_arms(run, tiny_model, tiny_task, mirror):
 def test_report_regenerates_identically(run):
     out, _ = run
     run_dir = out / "results/finance/t1"
-    before = {n: (run_dir / n).read_bytes() for n in ("metrics.json", "results.csv", "report.md", "scores.svg")}
+    names = ("metrics.json", "results.csv", "report.md", "report.html", "scores.svg", "scores.png", "tradeoff.svg",
+             "resources.svg", "heatmap.svg")
+    before = {n: (run_dir / n).read_bytes() for n in names}
     result = CliRunner().invoke(cli, ["report", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert {n: (run_dir / n).read_bytes() for n in before} == before

@@ -1,0 +1,116 @@
+"""The report stage on the shared tiny compare run: provenance, resources, plots, failed arms, formats."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+from click.testing import CliRunner
+
+from harness import provenance
+from harness.cli import cli
+from harness.data import file_sha256
+
+
+def _run_dir(run):
+    out, _ = run
+    return out / "results/finance/t1"
+
+
+def test_provenance_recorded(run, tiny_model, mirror):
+    config = json.loads((_run_dir(run) / "config.json").read_text())
+    model = config["model"]
+    files = {p.name: file_sha256(p) for p in sorted([*tiny_model.glob("*.safetensors"), tiny_model / "config.json"])}
+    assert model["files"] == files
+    expected = hashlib.sha256("".join(f"{n} {h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
+    assert model["content_sha256"] == expected
+    by_use = {d["used_for"]: d for d in config["datasets"]}
+    assert set(by_use) == {"train", "arc_easy", "boolq", "finance_tweets", "finance_phrasebank", "wikitext"}
+    train = by_use["train"]
+    assert (train["id"], train["split"], train["rows"]) == ("zeroshot/twitter-financial-news-sentiment", "train", 48)
+    assert train["sha256"] == file_sha256(mirror / "zeroshot/twitter-financial-news-sentiment/default/train.jsonl")
+    assert (by_use["boolq"]["id"], by_use["boolq"]["split"], by_use["boolq"]["rows"]) == ("aps/super_glue", "validation", 12)
+    env = config["environment"]
+    for key in ("python", "platform", "cpu", "cpu_count", "gpu", "gpu_count", "cuda", "git_commit"):
+        assert key in env, key
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "lm_eval", "datasets"):
+        assert env["packages"][pkg], pkg
+    metrics = json.loads((_run_dir(run) / "metrics.json").read_text())
+    assert metrics["provenance"]["model"]["content_sha256"] == expected
+    md = (_run_dir(run) / "report.md").read_text()
+    assert expected in md and "## Provenance" in md and "### Datasets" in md and "Resolved configuration" in md
+
+
+def test_model_hash_is_cached_and_notices_changes(tmp_path, monkeypatch):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    first = provenance.model_hash(model)
+    calls = []
+    monkeypatch.setattr(provenance, "file_sha256", lambda p: calls.append(p) or "x" * 64)
+    assert provenance.model_hash(model) == first and calls == []  # unchanged files: read from the cache
+    (model / "model.safetensors").write_bytes(b"other weights")  # new size: hashed again
+    provenance.model_hash(model)
+    assert [p.name for p in calls] == ["model.safetensors"]
+
+
+def test_resources_table_has_every_arm_and_stage(run):
+    md = (_run_dir(run) / "report.md").read_text()
+    resources = md.split("## Resources")[1].split("## Plots")[0]
+    assert "| base | eval |" in resources
+    for arm in ("full", "lora", "qlora"):
+        assert f"| {arm} | train |" in resources and f"| {arm} | eval |" in resources, arm
+        assert f"| {arm} | " in resources.split("### Parameters and storage")[1], arm
+    assert "full checkpoint" in resources and "adapter" in resources and "4-bit NF4" in resources
+
+
+def test_plots_and_lm_eval_layout(run):
+    run_dir = _run_dir(run)
+    for stem in ("scores", "tradeoff", "resources", "heatmap"):  # three trained arms: a heat map
+        assert (run_dir / f"{stem}.png").stat().st_size > 0 and (run_dir / f"{stem}.svg").stat().st_size > 0, stem
+    md = (run_dir / "report.md").read_text()
+    for stem in ("scores", "tradeoff", "resources", "heatmap"):
+        assert f"]({stem}.png)" in md, stem
+    m = json.loads((run_dir / "metrics.json").read_text())
+    base = m["arms"]["base"]
+    assert base["lm_eval"]["results"]["arc_easy"]["acc,none"] == base["tasks"]["arc_easy"]["score"]
+    assert base["lm_eval"]["n-samples"]["arc_easy"]["effective"] == 8
+    assert "word_perplexity,none" in base["lm_eval"]["results"]["wikitext"]
+    assert "tokens/s" in m["summary"] and "stores a" in m["summary"]
+
+
+def test_failed_arm_is_reported_not_dropped(run, tmp_path):
+    run_dir = tmp_path / "t1"
+    shutil.copytree(_run_dir(run), run_dir)
+    (run_dir / "arms/lora.json").write_text(json.dumps({"arm": "lora", "status": "failed",
+                                                        "error": "torch.OutOfMemoryError: CUDA out of memory"}))
+    result = CliRunner().invoke(cli, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["failed_arms"] == {"lora": "torch.OutOfMemoryError: CUDA out of memory"}
+    assert "lora" not in m["arms"] and "lora" not in m["missing_arms"]
+    md = (run_dir / "report.md").read_text()
+    assert "**Failed arms:** lora: `torch.OutOfMemoryError: CUDA out of memory`" in md
+    assert "**lora** failed" in m["summary"]
+
+
+def test_report_without_provenance_or_resources(run, tmp_path):
+    """Runs recorded before provenance and resource fields still get a complete report."""
+    run_dir = tmp_path / "t1"
+    shutil.copytree(_run_dir(run), run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    for key in ("content_sha256", "files", "bytes"):
+        config["model"].pop(key)
+    config.pop("datasets")
+    (run_dir / "config.json").write_text(json.dumps(config))
+    for arm in ("base", "full"):
+        rec = json.loads((run_dir / f"arms/{arm}.json").read_text())
+        rec.pop("eval_resources", None)
+        (run_dir / f"arms/{arm}.json").write_text(json.dumps(rec))
+    result = CliRunner().invoke(cli, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    md = (run_dir / "report.md").read_text()
+    assert "not recorded (the run predates content hashing)" in md
+    assert "| train | zeroshot/twitter-financial-news-sentiment | default | train | 48 | not recorded |" in md
