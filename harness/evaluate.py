@@ -82,6 +82,7 @@ def task_source(name: str, *, mirror: Path | None) -> dict:
         split = cfg.get(key)
         if split and (mirror is None or mirror_file(mirror, dataset, config, split).exists()):
             return {"dataset": dataset, "config": config, "split": split}
+    task_config(name, mirror=mirror)  # names the dataset and where the mirror was searched
     raise HarnessError(f"task {name}: no test or validation split of {dataset} ({config or 'default'}) found")
 
 

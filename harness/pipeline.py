@@ -131,6 +131,7 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         "device": models.device_kind(), "environment": environment(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    _keep_train_data(run_dir / "config.json", config)
     write_json(run_dir / "config.json", config)
     eval_kw = dict(mirror=mirror, limit=profile.limit, batch_size=profile.eval_batch_size,
                    num_fewshot=suite.num_fewshot, seed=task.training.seed, backend=profile.eval_backend)
@@ -273,6 +274,17 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     out = report.run(run_dir)
     log(f"report: {out}")
     return run_dir
+
+
+def _keep_train_data(path: Path, config: dict) -> None:
+    """A resumed run whose arms are all reused tokenizes nothing: keep the record of the data they trained on."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    same = all(previous.get(k) == config[k] for k in ("task", "profile", "model"))
+    if same and previous.get("train_data"):
+        config["train_data"] = previous["train_data"]
 
 
 def _done(run_dir: Path, arm: str, inputs: str) -> bool:

@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from harness.config import HarnessError
 from harness.data import file_sha256, load_split, mirror_file
 from harness.io import write_json
 
@@ -67,6 +68,8 @@ def dataset_record(dataset: str, config: str | None, split: str, *, mirror: Path
     rec = {"id": dataset, "config": config, "split": split, "used_for": used_for}
     if mirror is not None:
         path = mirror_file(mirror, dataset, config, split)
+        if not path.exists():
+            raise HarnessError(f"dataset {dataset} ({config or 'default'}/{split}): not in the mirror, looked for {path}")
         with open(path, "rb") as fh:
             rec["rows"] = sum(1 for line in fh if line.strip())
         rec["sha256"] = cached_sha256(path, cache)
@@ -82,11 +85,12 @@ def datasets(train: dict, eval_tasks: list[str], *, mirror: Path | None) -> list
     from harness.evaluate import task_source
 
     cache = _load_cache()
-    out = [dataset_record(train["dataset"], train["config"], train["split"], mirror=mirror, used_for="train",
-                          cache=cache)]
+    out = []
     for task in eval_tasks:
         src = task_source(task, mirror=mirror)
         out.append(dataset_record(src["dataset"], src["config"], src["split"], mirror=mirror, used_for=task,
                                   cache=cache))
+    train_rec = dataset_record(train["dataset"], train["config"], train["split"], mirror=mirror, used_for="train",
+                               cache=cache)
     _save_cache(cache)
-    return out
+    return [train_rec, *out]

@@ -82,6 +82,8 @@ def test_rerun_reuses_recorded_arms(run, tiny_model, tiny_task, mirror):
     assert result.exit_code == 0
     assert "base: evaluation recorded for these inputs, reused" in result.output
     assert "qlora: training and evaluation recorded for these inputs, reused" in result.output
+    config = json.loads((out / "results/finance/t1/config.json").read_text())
+    assert config["train_data"]["examples"] == 32  # kept from the first pass: nothing was tokenized again
 
 
 def test_report_regenerates_identically(run):
