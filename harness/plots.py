@@ -145,9 +145,10 @@ def resources(rows: list[dict], run_dir: Path) -> None:
                     ax.text(xi, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
         positive = [r[key] for r in rows for key, _ in series if r[key]]
         if positive and max(positive) >= 10 * min(positive):  # orders of magnitude apart: log scale
-            from matplotlib.ticker import FuncFormatter, NullFormatter
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
             ylabel += " (log scale)"

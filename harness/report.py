@@ -497,12 +497,11 @@ def _plots(metrics: dict, suite_tasks: list[str], domain_tasks: list[str], run_d
         plots.heatmap(metrics, tasks, trained, run_dir)
         figures.append(("heatmap", "Δ per task and arm", "task by arm heat map of Δ against the base",
                         "Colour: Δ in points (blue gain, red loss); * marks a 95% CI that excludes 0."))
+    stages = [(a["train"] or {}, a.get("eval_resources") or {}) for a in metrics["arms"].values()]
+    gpu = any(x.get("peak_gpu_allocated_bytes") for pair in stages for x in pair)  # one measure for all arms
+    key = "peak_gpu_allocated_bytes" if gpu else "peak_rss_bytes"
     rows = []
-    for arm, a in metrics["arms"].items():
-        t = a["train"] or {}
-        ev = a.get("eval_resources") or {}
-        gpu = any(x.get("peak_gpu_allocated_bytes") for x in (t, ev))
-        key = "peak_gpu_allocated_bytes" if gpu else "peak_rss_bytes"
+    for arm, (t, ev) in zip(metrics["arms"], stages):
         rows.append({"arm": arm, "train_mem": t.get(key), "eval_mem": ev.get(key),
                      "mem_kind": "GPU allocated" if gpu else "RSS", "saved": (t.get("saved") or {}).get("bytes"),
                      "footprint": t.get("model_footprint_bytes") or ev.get("model_footprint_bytes")})
