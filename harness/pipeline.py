@@ -124,7 +124,7 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         "run_id": p["run_id"], "task": to_dict(task), "suite": to_dict(suite), "methods": [a.name for a in arms],
         "arms": {a.name: {"method": a.method, "overrides": list(a.overrides)} for a in arms},
         "profile": {"name": p["profile_name"], **to_dict(profile)},
-        "model": {**resolved.to_dict(), **provenance.model_hash(resolved.path)},
+        "model": {**resolved.to_dict(), "content_sha256": baselines.model_sha256(resolved.path)},
         "datasets": provenance.datasets(to_dict(task.train), eval_tasks + ([suite.perplexity.task] if suite.perplexity else []),
                                         mirror=mirror),
         "mirror": str(mirror) if mirror else None, "overrides": list(spec.overrides),

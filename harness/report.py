@@ -44,7 +44,8 @@ def run(run_dir: Path) -> Path:
                           "stderr": arm["results"][t].get(f"{metric_of[t]}_stderr"), "n": arm["n"][t],
                           "all": arm["results"][t]} for t in arm["results"]},
             "train": arm["train"], "eval_seconds": arm["eval_seconds"], "perplexity": arm.get("perplexity"),
-            "eval_resources": arm.get("eval_resources"), "lm_eval": _lm_eval_results(arm),
+            "eval_resources": arm.get("eval_resources"), "baseline": arm.get("baseline"),
+            "lm_eval": _lm_eval_results(arm),
         }
     for name, arm in arms.items():
         if name == "base":
@@ -425,6 +426,9 @@ def _resources(metrics: dict) -> list[tuple]:
         row = _stage_row(arm, "eval", ev, "")
         if ppl.get("seconds"):
             row[2] += f" (+ {_s(ppl['seconds'])} perplexity)"
+        reused = a.get("baseline") or {}
+        if reused.get("tasks"):  # read from baselines/ instead of evaluated again
+            row[2] += f"; {len(reused['tasks'])} tasks reused from baselines/ (saved {_s(reused['saved_seconds'])})"
         rows.append(row)
         if t:
             saved = t.get("saved") or {}
@@ -454,7 +458,7 @@ def _provenance_blocks(metrics: dict, config: dict) -> list[tuple]:
     wall = f", wall time {p['wall_seconds']:,.0f} s" if p.get("wall_seconds") else ""
     blocks = [("h", 2, "Provenance"), ("ul", [
         f"**Base model** `{model['name']}` (source: {model.get('source', 'n/a')}) — {model.get('detail', '')}.",
-        f"**Model content sha256** `{sha}` over {', '.join(f'`{f}`' for f in model.get('files', {}))}"
+        f"**Model content sha256** `{sha}` (weight, config and tokenizer files, by name and content)"
         if sha else "**Model content sha256** not recorded (the run predates content hashing).",
         f"**Seed** {p['seed']}; **profile** {p['profile']['name']}: {_limits(p['profile'])}"
         f"{'; max steps ' + str(p['profile']['max_steps']) if p['profile'].get('max_steps') else ''}.",

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
 from click.testing import CliRunner
 
-from harness import provenance
+from harness import baselines
 from harness.cli import cli
 from harness.data import file_sha256
 
@@ -20,11 +19,8 @@ def _run_dir(run):
 
 def test_provenance_recorded(run, tiny_model, mirror):
     config = json.loads((_run_dir(run) / "config.json").read_text())
-    model = config["model"]
-    files = {p.name: file_sha256(p) for p in sorted([*tiny_model.glob("*.safetensors"), tiny_model / "config.json"])}
-    assert model["files"] == files
-    expected = hashlib.sha256("".join(f"{n} {h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
-    assert model["content_sha256"] == expected
+    expected = baselines.model_sha256(tiny_model)
+    assert config["model"]["content_sha256"] == expected and len(expected) == 64
     by_use = {d["used_for"]: d for d in config["datasets"]}
     assert set(by_use) == {"train", "arc_easy", "boolq", "finance_tweets", "finance_phrasebank", "wikitext"}
     train = by_use["train"]
@@ -40,20 +36,6 @@ def test_provenance_recorded(run, tiny_model, mirror):
     assert metrics["provenance"]["model"]["content_sha256"] == expected
     md = (_run_dir(run) / "report.md").read_text()
     assert expected in md and "## Provenance" in md and "### Datasets" in md and "Resolved configuration" in md
-
-
-def test_model_hash_is_cached_and_notices_changes(tmp_path, monkeypatch):
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"weights")
-    first = provenance.model_hash(model)
-    calls = []
-    monkeypatch.setattr(provenance, "file_sha256", lambda p: calls.append(p) or "x" * 64)
-    assert provenance.model_hash(model) == first and calls == []  # unchanged files: read from the cache
-    (model / "model.safetensors").write_bytes(b"other weights")  # new size: hashed again
-    provenance.model_hash(model)
-    assert [p.name for p in calls] == ["model.safetensors"]
 
 
 def test_resources_table_has_every_arm_and_stage(run):
@@ -101,8 +83,7 @@ def test_report_without_provenance_or_resources(run, tmp_path):
     run_dir = tmp_path / "t1"
     shutil.copytree(_run_dir(run), run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    for key in ("content_sha256", "files", "bytes"):
-        config["model"].pop(key)
+    config["model"].pop("content_sha256")
     config.pop("datasets")
     (run_dir / "config.json").write_text(json.dumps(config))
     for arm in ("base", "full"):
