@@ -173,10 +173,13 @@ def merge(adapter_dir, out, base, dtype, tolerance):
     v = rec["verification"]
     click.echo(f"merged {rec['method']} adapter into {rec['merged_into']}", err=True)
     click.echo(f"max |logit diff| vs base + adapter: {v['max_abs_diff_vs_base_plus_adapter']:.3g} "
-               f"(tolerance {v['tolerance_abs']:.3g})", err=True)
+               f"(tolerance {v['tolerance_abs']:.3g}); same top token at "
+               f"{100 * v['top1_agreement_vs_base_plus_adapter']:.1f}% of positions", err=True)
     if "max_abs_diff_vs_4bit_base_plus_adapter" in v:
         click.echo(f"max |logit diff| vs the 4-bit base + adapter it was trained as (quantization gap): "
-                   f"{v['max_abs_diff_vs_4bit_base_plus_adapter']:.3g}", err=True)
+                   f"{v['max_abs_diff_vs_4bit_base_plus_adapter']:.3g}, mean "
+                   f"{v['mean_abs_diff_vs_4bit_base_plus_adapter']:.3g}; same top token at "
+                   f"{100 * v['top1_agreement_vs_4bit_base_plus_adapter']:.1f}%", err=True)
     click.echo(out)
 
 
