@@ -54,6 +54,17 @@ def run_options(fn):
                           "Env: HARNESS_BASELINES."),
         click.option("--refresh-baseline", is_flag=True,
                      help="Evaluate the base again even when the baseline cache holds it (and update the cache)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="auto: the GPU when there is one. cuda fails at once where there is none."),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Allow a model that ships its own Python code (config.json auto_map). Off by default."),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Accept .bin/.pt weights (unpickling can run code). Default: safetensors only."),
+        click.option("--include-path", multiple=True, type=click.Path(exists=True, file_okay=False),
+                     help="Another directory of lm-eval task YAMLs besides tasks/ (their !function hooks run "
+                          "as Python); repeatable."),
+        click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Resume RUN_DIR with its recorded settings: finished stages are reused, the rest redone."),
         click.argument("overrides", nargs=-1),
     ]
     for option in reversed(options):
@@ -64,10 +75,38 @@ def run_options(fn):
 def _spec(methods, **kw):
     from harness.pipeline import CompareSpec
 
+    kw.pop("resume_dir", None)
     kw["overrides"] = tuple(kw["overrides"])
     if kw["baselines_dir"] is None:
         del kw["baselines_dir"]
+    kw["include_path"] = tuple(kw["include_path"])
     return CompareSpec(methods=methods, **kw)
+
+
+def _resumed(ctx: click.Context, run_dir: Path):
+    """The spec and arms recorded in RUN_DIR/config.json; other options would change the run, so they are refused."""
+    from harness.io import read_json
+    from harness.pipeline import RESUMABLE, Arm, CompareSpec
+
+    given = [p for p, v in ctx.params.items() if p != "resume_dir"
+             and ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+    if given or ctx.params.get("overrides"):
+        raise HarnessError(f"--resume {run_dir}: takes the run's recorded settings; drop "
+                           f"{', '.join('--' + g.replace('_', '-') for g in given) or 'the overrides'} "
+                           "(or start a new run id)")
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise HarnessError(f"--resume {run_dir}: no config.json there (not a run directory, or it stopped before "
+                           "its model was resolved: re-run the original command with --run-id)")
+    config = read_json(path)
+    recorded = config.get("spec")
+    if not isinstance(recorded, dict) or set(RESUMABLE) - set(recorded):
+        raise HarnessError(f"{path}: no resumable settings recorded (written by an older harness); re-run the "
+                           "original command with --run-id")
+    spec = CompareSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()},
+                       run_id=run_dir.resolve().name, results_dir=run_dir.resolve().parent.parent)
+    arms = [Arm(name, a["method"], tuple(a["overrides"])) for name, a in config["arms"].items()]
+    return spec, arms
 
 
 @cli.command()
@@ -85,6 +124,11 @@ def compare(methods, **kw):
     """
     from harness.pipeline import compare as run_compare
 
+    ctx = click.get_current_context()
+    if kw["resume_dir"] is not None:
+        spec, arms = _guard(_resumed, ctx, kw["resume_dir"])
+        click.echo(_guard(run_compare, spec, arms) / "report.md")
+        return
     click.echo(_guard(run_compare, _spec(methods, **kw)) / "report.md")
 
 
@@ -105,6 +149,11 @@ def sweep(methods, grid, grid_file, **kw):
     """
     from harness.pipeline import compare as run_compare
     from harness.sweep import arms_from_grid, load_grid_file, parse_grid
+
+    if kw["resume_dir"] is not None:  # the recorded arms are the grid points
+        spec, arms = _guard(_resumed, click.get_current_context(), kw["resume_dir"])
+        click.echo(_guard(run_compare, spec, arms) / "report.md")
+        return
 
     def expand():
         file_methods, file_grid = load_grid_file(grid_file) if grid_file else ([], {})

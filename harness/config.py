@@ -70,6 +70,8 @@ class Training:
     packing: bool = _help(
         "padding-free batches: a micro-batch's examples in one row, attention kept within each example "
         "(same loss as padding, less work)", default=True)
+    save_steps: int = _help("save a resumable Trainer checkpoint every N steps (rounded up to a multiple of "
+                            "logging_steps); an interrupted arm resumes from the last one", default=100)
 
     def __post_init__(self):
         if self.epochs <= 0:
@@ -78,6 +80,11 @@ class Training:
             raise HarnessError(f"training.batch_size: must be > 0, got {self.batch_size}")
         if self.max_length <= 8:
             raise HarnessError(f"training.max_length: must be > 8, got {self.max_length}")
+        for name in ("logging_steps", "save_steps"):
+            if getattr(self, name) <= 0:
+                raise HarnessError(f"training.{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise HarnessError(f"training.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,14 @@ def load_split(dataset: str, config: str | None, split: str, *, mirror: Path | N
         path = mirror_file(mirror, dataset, config, split)
         if not path.exists():
             raise HarnessError(f"dataset {dataset} ({config or 'default'}/{split}): not in the mirror, looked for {path}")
-        ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
+        if not path.read_text().strip():
+            raise HarnessError(f"dataset {dataset} ({config or 'default'}/{split}): the split is empty ({path} has no rows)")
+        try:
+            ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
+        except Exception as e:  # malformed JSON lines, mixed schemas: name the file
+            cause = e.__cause__ or e
+            raise HarnessError(f"{path}: not readable as JSON lines ({type(cause).__name__}: "
+                               f"{str(cause).splitlines()[0][:200] if str(cause) else ''})") from None
     else:
         try:
             ds = datasets.load_dataset(dataset, config, split=split)

@@ -28,11 +28,30 @@ SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split
 GPU_MC_BATCH = 512
 
 
+_EXTRA_INCLUDE: tuple[str, ...] = ()
+
+
+def set_include_paths(paths: tuple[str, ...] | list[str]) -> None:
+    """Task YAMLs (and their `!function` hooks, which run Python) load only from tasks/ and
+    directories the user names with --include-path; lm-eval's own registry is trusted as installed."""
+    global _EXTRA_INCLUDE
+    resolved = []
+    for p in paths:
+        d = Path(p).expanduser()
+        if not d.is_dir():
+            raise HarnessError(f"--include-path {p}: not a directory")
+        resolved.append(str(d.resolve()))
+    if tuple(resolved) != _EXTRA_INCLUDE:
+        _EXTRA_INCLUDE = tuple(resolved)
+        task_manager.cache_clear()
+        doc_count.cache_clear()
+
+
 @lru_cache(maxsize=None)
 def task_manager():
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR), verbosity="ERROR")
+    return TaskManager(include_path=[str(TASKS_DIR), *_EXTRA_INCLUDE], verbosity="ERROR")
 
 
 def check_tasks(names: list[str]) -> None:
@@ -88,7 +107,13 @@ def task_source(name: str, *, mirror: Path | None) -> dict:
 
 def load_task_object(name: str, *, mirror: Path | None):
     """An lm-eval Task (its dataset loaded), e.g. to format training examples with its prompt."""
-    built = task_manager().load_task_or_group([task_config(name, mirror=mirror)])
+    config = task_config(name, mirror=mirror)
+    try:
+        built = task_manager().load_task_or_group([config])
+    except Exception as e:  # lm-eval/datasets raise many types for data that does not fit the task
+        cause = e.__cause__ or e
+        raise HarnessError(f"task {name}: lm-eval could not load its data ({type(cause).__name__}: "
+                           f"{' '.join(str(cause).split())[:300]})") from None
     return built[name]
 
 

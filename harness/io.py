@@ -12,7 +12,11 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from harness.config import PROJECT_ROOT
+from harness.config import PROJECT_ROOT, HarnessError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+STOP_ENV = "HARNESS_STOP_AT"  # fault injection for the resume tests: SIGKILL at a named point
 
 SAMPLE_FIELDS = ("task", "doc_id", "doc_hash", "target", "pred", "acc", "acc_norm")
 PACKAGES = ("harness", "torch", "transformers", "peft", "bitsandbytes", "lm_eval", "datasets", "accelerate")
@@ -22,10 +26,32 @@ def write_text(path: Path, text: str) -> Path:
     """Write atomically: a reader (or a resumed run) never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual permissions
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())  # on disk before the rename makes it visible
+    stop_point(f"write:{path.name}")
     os.replace(tmp, path)
     return path
+
+
+def stop_point(name: str) -> None:
+    """Kill this process, as a pre-emption would, when HARNESS_STOP_AT names this point.
+
+    Points: write:<file name> (temporary file written, not yet renamed), recorded:<arm>,
+    evaluating:<arm> (between its benchmarks and its perplexity), train:<arm>:<step> (after the
+    Trainer checkpoint of that step). Used by tests/test_resume.py; unset in normal runs."""
+    if os.environ.get(STOP_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Temporary files a killed run left behind (never a finished artifact)."""
+    for tmp in Path(run_dir).rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data) -> Path:
@@ -33,7 +59,11 @@ def write_json(path: Path, data) -> Path:
 
 
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise HarnessError(f"{path}: corrupt or truncated JSON ({e.msg} at line {e.lineno}); "
+                           "delete it to redo the stage that wrote it") from None
 
 
 def write_samples(path: Path, samples: dict[str, list[dict]]) -> Path:

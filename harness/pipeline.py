@@ -11,10 +11,12 @@ record exists with the same inputs is not redone, so re-running a run id picks u
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from pathlib import Path
 from harness import baselines, evaluate, models, provenance, report, resources, train
 from harness.config import METHODS, PROJECT_ROOT, HarnessError, SuiteConfig, TaskConfig, load_suite, load_task, to_dict
 from harness.data import mirror_dir
-from harness.io import environment, write_json, write_samples
+from harness.io import environment, read_json, remove_partial, stop_point, write_json, write_samples
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,14 @@ class CompareSpec:
     overrides: tuple[str, ...] = ()
     baselines_dir: Path = field(default_factory=baselines.default_dir)
     refresh_baseline: bool = False  # evaluate the references even when the baseline cache has them
+    device: str = "auto"  # auto | cpu | cuda
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    include_path: tuple[str, ...] = ()  # extra lm-eval task directories besides tasks/
+
+
+RESUMABLE = ("task", "model", "methods", "profile", "mirror", "overrides", "device", "trust_remote_code",
+             "allow_pickle", "include_path", "work_dir")
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,8 @@ def _profile_key(profile) -> dict:
 
 def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     """Everything that can be checked before a weight is loaded (torchtune: fail before the GPU)."""
+    models.configure(device=spec.device, trust_remote_code=spec.trust_remote_code, allow_pickle=spec.allow_pickle)
+    evaluate.set_include_paths(spec.include_path)
     task: TaskConfig = load_task(spec.task, list(spec.overrides))
     suite: SuiteConfig = load_suite(task.suite)
     arm_tasks = {}
@@ -97,10 +109,91 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
         probe.unlink()
     except OSError as e:
         raise HarnessError(f"results directory {run_dir}: not writable ({e.strerror})") from None
+    for arm_task in {_hash(to_dict(t.train)): t for t in arm_tasks.values()}.values():
+        _check_training_data(arm_task, mirror)
+    if mirror is not None:  # every benchmark's data must be in the mirror too
+        for name in [t.task for t in suite.tasks] + [t.task for t in task.in_domain] + ppl:
+            evaluate.task_config(name, mirror=mirror)
     return {"task": task, "arm_tasks": arm_tasks, "suite": suite, "profile_name": profile_name,
             "profile": task.profiles[profile_name],
             "mirror": mirror, "run_id": run_id, "run_dir": run_dir,
             "work_dir": Path(spec.work_dir) / task.name / run_id}
+
+
+def _resumable(spec: CompareSpec, p: dict) -> dict:
+    """What `--resume RUN_DIR` needs to run the same comparison again, with paths made absolute."""
+    out = {k: to_dict(getattr(spec, k)) for k in RESUMABLE}
+    for key in ("task", "model"):
+        if Path(out[key]).expanduser().exists():
+            out[key] = str(Path(out[key]).expanduser().resolve())
+    out["work_dir"] = str(Path(spec.work_dir).resolve())
+    return out | {"profile": p["profile_name"], "mirror": str(p["mirror"]) if p["mirror"] else None}
+
+
+def _check_training_data(task: TaskConfig, mirror) -> None:
+    """Read the training split and format every row now, so a missing field, an empty split or a
+    label outside the choices stops the run before any weight loads, naming the dataset."""
+    from harness.data import load_split
+
+    ds = load_split(task.train.dataset, task.train.config, task.train.split, mirror=mirror)
+    where = f"dataset {task.train.dataset} ({task.train.config or 'default'}/{task.train.split})"
+    try:
+        fmt, process_docs = evaluate.formatter(task.train.format_task, mirror=mirror)
+    except HarnessError as e:
+        raise HarnessError(f"{where}: {e}") from None
+    try:
+        if process_docs is not None:
+            ds = process_docs(ds)
+    except Exception as e:  # lm-eval's hooks raise whatever the data provokes
+        raise HarnessError(f"{where}: {task.train.format_task}'s process_docs failed ({type(e).__name__}: {e}); "
+                           f"columns are {', '.join(ds.column_names)}") from None
+    if len(ds) == 0:
+        raise HarnessError(f"{where}: no rows left after {task.train.format_task}'s process_docs")
+    for i, doc in enumerate(ds):
+        try:
+            fmt(doc)
+        except HarnessError as e:
+            raise HarnessError(f"{where} row {i}: {e}") from None
+        except Exception as e:
+            raise HarnessError(f"{where} row {i}: cannot be formatted by task {task.train.format_task} "
+                               f"({type(e).__name__}: {e}); columns are {', '.join(ds.column_names)}") from None
+
+
+# Bytes on disk per parameter, per arm: full fine-tuning saves an fp32 model (4) and keeps one Trainer
+# checkpoint (fp32 weights 4 + AdamW moments 8), two while the newer replaces the older; adapters are
+# a few percent of that at most.
+DISK_PER_PARAM = {"full": 4 + 2 * 12, "lora": 1, "qlora": 1}
+
+
+def _check_disk(n_params: int, arms: list[Arm], work_dir: Path) -> None:
+    """Fail before training when the work dir's disk cannot hold the checkpoints (from the model's size)."""
+    todo = [a for a in arms if not (work_dir / a.name / "train.json").exists()]
+    needed = sum(DISK_PER_PARAM[a.method] * n_params for a in todo)
+    if not needed:
+        return
+    probe = work_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise HarnessError(f"work directory {work_dir}: {_gb(needed)} needed for the checkpoints of "
+                           f"{', '.join(a.name for a in todo)} ({n_params:,} parameters), only {_gb(free)} free on "
+                           f"{probe}; free space or pass --work-dir on a larger disk")
+
+
+def _check_saved(arms: list[Arm], work_dir: Path) -> None:
+    """A corrupt checkpoint or saved arm from an earlier attempt is named now, not after the base evaluation."""
+    for arm in arms:
+        arm_dir = work_dir / arm.name
+        train.resume_checkpoint(arm_dir / "trainer")
+        if (arm_dir / "train.json").exists():
+            for w in sorted(arm_dir.glob("*/*.safetensors")):
+                if w.parent.name != "trainer":
+                    models.safetensors_tensors(w)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB ({n} bytes)"
 
 
 def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
@@ -113,8 +206,12 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     log(f"run {p['run_id']}: task {task.name}, suite {suite.name}, arms {','.join(a.name for a in arms)}, "
         f"profile {p['profile_name']} (limit {profile.limit}, train examples {profile.train_examples})")
 
+    remove_partial(run_dir)
     t0 = time.perf_counter()
     resolved = models.resolve_model(spec.model)
+    # Still before any weight loads: remote code, pickle weights, truncated files, disk for checkpoints.
+    _check_disk(models.check_model_dir(Path(resolved.path)), arms, p["work_dir"])
+    _check_saved(arms, p["work_dir"])
     log(f"model {resolved.name}: {resolved.detail}")
 
     suite_tasks = [t.task for t in suite.tasks]
@@ -128,6 +225,7 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         "datasets": provenance.datasets(to_dict(task.train), eval_tasks + ([suite.perplexity.task] if suite.perplexity else []),
                                         mirror=mirror),
         "mirror": str(mirror) if mirror else None, "overrides": list(spec.overrides),
+        "spec": _resumable(spec, p),
         "device": models.device_kind(), "environment": environment(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -154,6 +252,7 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
                 log(f"{name}: evaluating {len(tasks)} tasks")
                 ev = evaluate.evaluate(model, tokenizer, tasks, **eval_kw)
                 log(f"{name}: evaluated in {ev['seconds']:.0f}s")
+                stop_point(f"evaluating:{name}")
             if with_ppl:
                 pv = evaluate.evaluate(model, tokenizer, [suite.perplexity.task], **ppl_kw)
                 ppl = {**pv["results"][suite.perplexity.task], "n": pv["n"][suite.perplexity.task],
@@ -243,28 +342,39 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     examples_cache: dict[str, tuple[list, dict]] = {}
     for arm in arms:
         arm_task = p["arm_tasks"][arm.name]
-        inputs = _hash({**common, "method": arm.method, "task": to_dict(arm_task), "profile": _profile_key(profile)})
+        inputs = _hash({**common, "method": arm.method, "task": _arm_settings(arm, arm_task),
+                        "profile": _profile_key(profile)})
         if _done(run_dir, arm.name, inputs):
             log(f"{arm.name}: training and evaluation recorded for these inputs, reused")
             continue
-        data_key = _hash([to_dict(arm_task.train), arm_task.training.seed, arm_task.training.max_length,
-                          profile.train_examples])
-        if data_key not in examples_cache:
-            tokenizer = models.load_tokenizer(resolved.path)
-            examples_cache[data_key] = train.training_examples(arm_task, profile, tokenizer, mirror=mirror)
-            record = examples_cache[data_key][1]
-            config["train_data"] = record
-            write_json(run_dir / "config.json", config)
-            log(f"training data: {record['examples']} examples, {record['tokens']} tokens")
-        examples = examples_cache[data_key][0]
-        log(f"{arm.name}: training ({arm.method}{', ' + ' '.join(arm.overrides) if arm.overrides else ''})")
-        result = train.run(arm.method, task=arm_task, profile=profile, model_path=resolved.path, examples=examples,
-                           out_dir=p["work_dir"] / arm.name)
-        s = result.stats
-        log(f"{arm.name}: {s['steps']} steps in {s['seconds']:.0f}s, loss {s['train_loss']:.4f}, "
-            f"{s['trainable_params']:,} trainable ({s['trainable_pct']:.2f}%)")
-        evaluate_arm(arm.name, result.model, inputs, s)
-        del result
+        arm_dir = p["work_dir"] / arm.name
+        stage = "training"
+        try:
+            trained = _trained(arm_dir, inputs)
+            if trained is not None:
+                log(f"{arm.name}: training recorded for these inputs, evaluating the saved {trained['saved']['path']}")
+                model = models.load_arm(arm.method, resolved.path, Path(trained["saved"]["path"]), quant=task.quant)
+            else:
+                data_key = _hash([to_dict(arm_task.train), arm_task.training.seed, arm_task.training.max_length,
+                                  profile.train_examples])
+                if data_key not in examples_cache:
+                    tokenizer = models.load_tokenizer(resolved.path)
+                    examples_cache[data_key] = train.training_examples(arm_task, profile, tokenizer, mirror=mirror)
+                    record = examples_cache[data_key][1]
+                    config["train_data"] = record
+                    write_json(run_dir / "config.json", config)
+                    log(f"training data: {record['examples']} examples, {record['tokens']} tokens")
+                model, trained = _train_arm(arm, arm_task, profile, resolved.path, examples_cache[data_key][0],
+                                            arm_dir, inputs)
+            stage = "evaluating"
+            evaluate_arm(arm.name, model, inputs, trained)
+        except MEMORY_ERRORS as e:
+            if not _out_of_memory(e):
+                raise
+            _record_failure(run_dir, arm.name, inputs, stage, e)
+            log(f"{arm.name}: FAILED, out of memory while {stage} "
+                f"({str(e).splitlines()[0][:200]}); continuing with the other arms")
+        model = None
         gc.collect()
         _free_gpu()
 
@@ -287,14 +397,111 @@ def _keep_train_data(path: Path, config: dict) -> None:
         config["train_data"] = previous["train_data"]
 
 
+def _arm_settings(arm: Arm, arm_task: TaskConfig) -> dict:
+    """The task settings an arm depends on: another method's learning rate, or the adapter settings for
+    full fine-tuning, do not change it (so changing them redoes only the arms they concern)."""
+    d = to_dict(arm_task)
+    d["methods"] = {arm.method: d["methods"][arm.method]}
+    if arm.method == "full":
+        d.pop("lora")
+    if arm.method != "qlora":
+        d.pop("quant")
+    return d
+
+
+def _train_arm(arm: Arm, arm_task: TaskConfig, profile, model_path: str, examples: list, arm_dir: Path,
+               inputs: str):
+    """Train one arm (resuming its Trainer checkpoint when one was made for these inputs); on running
+    out of memory, retry once with half the micro-batch and twice the accumulation (same effective batch)."""
+    stamp = arm_dir / "inputs.json"
+    if (arm_dir / "trainer").exists() and (not stamp.exists() or _read_record(stamp).get("inputs") != inputs):
+        log(f"{arm.name}: its checkpoint was made for other inputs; training from scratch")
+        shutil.rmtree(arm_dir / "trainer")
+    write_json(stamp, {"inputs": inputs})
+    log(f"{arm.name}: training ({arm.method}{', ' + ' '.join(arm.overrides) if arm.overrides else ''})")
+    retry = None
+    try:
+        result = train.run(arm.method, task=arm_task, profile=profile, model_path=model_path, examples=examples,
+                           out_dir=arm_dir)
+    except MEMORY_ERRORS as e:
+        micro = arm_task.methods[arm.method].micro_batch_size
+        if not _out_of_memory(e) or micro <= 1:
+            raise
+        gc.collect()
+        _free_gpu()
+        half = dataclasses.replace(arm_task.methods[arm.method], micro_batch_size=micro // 2)
+        arm_task = dataclasses.replace(arm_task, methods={**arm_task.methods, arm.method: half})
+        retry = {"error": str(e).splitlines()[0][:300], "micro_batch_size_from": micro, "micro_batch_size_to": micro // 2}
+        log(f"{arm.name}: out of memory at micro-batch {micro}; retrying once at {micro // 2} with twice the "
+            "gradient accumulation (same effective batch)")
+        shutil.rmtree(arm_dir / "trainer", ignore_errors=True)  # its checkpoints belong to the other micro-batch
+        result = train.run(arm.method, task=arm_task, profile=profile, model_path=model_path, examples=examples,
+                           out_dir=arm_dir)
+    s = {**result.stats, "oom_retry": retry}
+    write_json(arm_dir / "train.json", {"inputs": inputs, "stats": s})
+    stop_point(f"trained:{arm.name}")
+    log(f"{arm.name}: {s['steps']} steps in {s['seconds']:.0f}s, loss {s['train_loss']:.4f}, "
+        f"{s['trainable_params']:,} trainable ({s['trainable_pct']:.2f}%)")
+    return result.model, s
+
+
+def _trained(arm_dir: Path, inputs: str) -> dict | None:
+    """The training stats of an arm trained and saved for these inputs (its evaluation still to do)."""
+    path = arm_dir / "train.json"
+    if not path.exists():
+        return None
+    record = _read_record(path)
+    if record.get("inputs") != inputs or not Path(record["stats"]["saved"]["path"]).is_dir():
+        return None
+    return record["stats"]
+
+
+def _read_record(path: Path) -> dict:
+    """A stage record; a truncated one counts as absent (the stage is redone, never taken as done)."""
+    try:
+        record = read_json(path)
+    except HarnessError:
+        log(f"{path}: unreadable record, redoing its stage")
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _done(run_dir: Path, arm: str, inputs: str) -> bool:
     path = run_dir / "arms" / f"{arm}.json"
     if not path.exists():
         return False
-    try:
-        return json.loads(path.read_text()).get("inputs") == inputs
-    except json.JSONDecodeError:
-        return False
+    record = _read_record(path)
+    return record.get("inputs") == inputs and record.get("status", "done") == "done"
+
+
+def _memory_errors() -> tuple:
+    import torch
+
+    return (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError, RuntimeError)
+
+
+MEMORY_ERRORS = _memory_errors()
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA OOM, Python's MemoryError, or the CPU allocator's RuntimeError; other RuntimeErrors are bugs."""
+    if not isinstance(e, RuntimeError) or isinstance(e, MEMORY_ERRORS[0]):
+        return True
+    msg = str(e)
+    return "can't allocate memory" in msg or "out of memory" in msg.lower()
+
+
+def _record_failure(run_dir: Path, arm: str, inputs: str, stage: str, e: BaseException) -> None:
+    """A failed arm is recorded as such, with the memory it reached: the report shows it, a re-run retries it."""
+    import torch
+
+    peak = {"peak_rss_bytes": resources.peak_rss_since_reset() or resources.rss_bytes()}
+    if torch.cuda.is_available():
+        peak["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        peak["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    write_json(run_dir / "arms" / f"{arm}.json", {
+        "arm": arm, "inputs": inputs, "status": "failed", "stage": stage, "error_type": type(e).__name__,
+        "error": str(e).splitlines()[0][:500] if str(e) else type(e).__name__, **peak})
 
 
 def _drop_samples(ppl: dict | None) -> dict | None:
@@ -305,12 +512,13 @@ def _record(run_dir: Path, arm: str, inputs: str, ev: dict, *, train_stats: dict
             perplexity: dict | None = None, baseline: dict | None = None, eval_resources: dict | None = None) -> None:
     """Per-document records first, the arm's JSON last: the JSON's presence means the arm is done."""
     write_samples(run_dir / "samples" / f"{arm}.csv", ev["samples"])
-    record = {"arm": arm, "inputs": inputs, "results": ev["results"], "n": ev["n"], "versions": ev["versions"],
-              "eval_seconds": ev["seconds"], "train": train_stats, "perplexity": perplexity,
+    record = {"arm": arm, "inputs": inputs, "status": "done", "results": ev["results"], "n": ev["n"],
+              "versions": ev["versions"], "eval_seconds": ev["seconds"], "train": train_stats, "perplexity": perplexity,
               "eval_resources": eval_resources}
     if baseline is not None:
         record["baseline"] = baseline
     write_json(run_dir / "arms" / f"{arm}.json", record)
+    stop_point(f"recorded:{arm}")
 
 
 def _free_gpu() -> None:

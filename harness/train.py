@@ -16,7 +16,9 @@ Python and launch overhead, not arithmetic, bounds the speed on a GPU.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from harness import models, resources
 from harness.config import HarnessError, Method, Profile, TaskConfig
 from harness.data import load_split
 from harness.evaluate import formatter
+from harness.io import stop_point
 
 
 @dataclass
@@ -107,7 +110,7 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         out_dir: Path) -> TrainResult:
     """Train one arm; save its checkpoint or adapter under out_dir (the git-ignored work dir)."""
     import torch
-    from transformers import TrainingArguments, set_seed
+    from transformers import TrainerCallback, TrainingArguments, set_seed
 
     settings: Method | None = task.methods.get(method)
     if settings is None:
@@ -126,7 +129,10 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     max_steps = math.ceil(steps_per_epoch * t.epochs)
     if profile.max_steps is not None:
         max_steps = min(max_steps, profile.max_steps)
-    cuda = torch.cuda.is_available()
+    cuda = models.device_kind() == "cuda"
+    # Checkpoints at log steps: the loss logged up to a checkpoint then covers every step before it,
+    # so a resumed arm reports the whole run's mean loss (see _resumed_loss).
+    save_steps = math.ceil(t.save_steps / t.logging_steps) * t.logging_steps
     args = TrainingArguments(
         output_dir=str(out_dir / "trainer"),
         per_device_train_batch_size=micro,
@@ -137,7 +143,9 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.lr_scheduler,
         logging_steps=t.logging_steps,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=1,  # one checkpoint to resume from; the final weights go to save_arm
         report_to=[],
         seed=t.seed,
         data_seed=t.seed,
@@ -152,18 +160,26 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         remove_unused_columns=False,
         disable_tqdm=False,
     )
+    class StopAt(TrainerCallback):  # HARNESS_STOP_AT=train:<arm>:<step>: killed right after that checkpoint
+        def on_save(self, args, state, control, **kwargs):
+            stop_point(f"train:{out_dir.name}:{state.global_step}")
+
     trainer = _trainer_class()(model=model, args=args, train_dataset=examples,
-                               data_collator=collator(tokenizer, packing=t.packing))
+                               data_collator=collator(tokenizer, packing=t.packing), callbacks=[StopAt()])
+    checkpoint = resume_checkpoint(out_dir / "trainer")
     # A KV cache during training makes transformers skip the packed-sequence mask (examples would
     # attend across their boundaries); it is useless for training anyway.
     config = model.config
     use_cache, config.use_cache = config.use_cache, False
     try:
         with resources.measure() as measured:  # this stage's own peaks (RSS, torch allocator, NVML)
-            out = trainer.train()
+            out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         config.use_cache = use_cache
     seconds = measured.result["seconds"]
+    train_loss = out.training_loss
+    if checkpoint is not None:
+        train_loss = _resumed_loss(trainer.state.log_history, _step(checkpoint), out.training_loss, max_steps)
     saved = models.save_arm(model, tokenizer, out_dir / ("adapter" if method != "full" else "model"),
                             record={"method": method, "base_model": model_path,
                                     "quant": task.quant if method == "qlora" else None})
@@ -177,7 +193,8 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         "steps": max_steps,
         "packing": t.packing,
         "epochs": round(seen / len(examples), 4),
-        "train_loss": out.training_loss,
+        "train_loss": train_loss,
+        "resumed_from_step": _step(checkpoint) if checkpoint else None,
         "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
         "seconds": seconds,
         "tokens_per_second": tokens / seconds,
@@ -191,5 +208,45 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         "model_footprint_bytes": resources.footprint_bytes(model),
         **{k: v for k, v in measured.result.items() if k != "seconds"},
     }
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the arm is saved; its checkpoint is spent
     model.eval()
     return TrainResult(model=model, stats=stats)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def resume_checkpoint(trainer_dir: Path) -> Path | None:
+    """The newest complete Trainer checkpoint, or None.
+
+    A checkpoint interrupted while being written lacks a readable trainer_state.json (written last):
+    it is skipped. One that looks complete but whose weights are corrupt is an error, not silently
+    retrained over (the caller removes checkpoints whose inputs changed)."""
+    found = []
+    for d in trainer_dir.glob("checkpoint-*"):
+        try:
+            json.loads((d / "trainer_state.json").read_text())
+            found.append((_step(d), d))
+        except (OSError, ValueError):
+            continue
+    if not found:
+        return None
+    checkpoint = max(found)[1]
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    if not weights:
+        raise HarnessError(f"{checkpoint}: checkpoint has no safetensors weights; delete it to retrain from scratch")
+    for w in weights:
+        models.safetensors_tensors(w)
+    return checkpoint
+
+
+def _resumed_loss(history: list[dict], resumed_at: int, loss_after: float, max_steps: int) -> float:
+    """Mean training loss over all steps of a resumed run: the Trainer's own figure only covers the
+    steps after the checkpoint; the logged windows before it (restored with the checkpoint) add the rest."""
+    before, last = 0.0, 0
+    for h in history:
+        if "loss" in h and h["step"] <= resumed_at:
+            before += h["loss"] * (h["step"] - last)
+            last = h["step"]
+    return (before + loss_after * (max_steps - resumed_at)) / max_steps
