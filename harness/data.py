@@ -41,7 +41,8 @@ def load_split(dataset: str, config: str | None, split: str, *, mirror: Path | N
         if not path.exists():
             raise HarnessError(f"dataset {dataset} ({config or 'default'}/{split}): not in the mirror, looked for {path}")
         if not path.read_text().strip():
-            raise HarnessError(f"dataset {dataset} ({config or 'default'}/{split}): the split is empty ({path} has no rows)")
+            raise HarnessError(f"dataset {dataset} ({config or 'default'}/{split}): the split is empty "
+                               f"({path} has no rows)")
         try:
             ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
         except Exception as e:  # malformed JSON lines, mixed schemas: name the file
