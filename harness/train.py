@@ -109,7 +109,6 @@ def _trainer_class():
 def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, examples: list[dict],
         out_dir: Path) -> TrainResult:
     """Train one arm; save its checkpoint or adapter under out_dir (the git-ignored work dir)."""
-    import torch
     from transformers import TrainerCallback, TrainingArguments, set_seed
 
     settings: Method | None = task.methods.get(method)
