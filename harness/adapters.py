@@ -67,7 +67,7 @@ def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite:
     base_path = models.resolve_model(base).path
     quant = records[0].get("quant") if all(r.get("method") == "qlora" for r in records) else None
     eval_kw = dict(mirror=mirror_dir(mirror), limit=prof.limit, batch_size=prof.eval_batch_size,
-                   num_fewshot=suite_cfg.num_fewshot, seed=cfg.training.seed)
+                   num_fewshot=suite_cfg.num_fewshot, seed=cfg.training.seed, backend=prof.eval_backend)
     tokenizer = models.load_tokenizer(base_path)
 
     def sync():
@@ -109,7 +109,8 @@ def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite:
     gc.collect()
 
     result = {"base": base_path, "base_4bit": quant is not None, "task": cfg.name, "tasks": tasks, "metrics": metrics,
-              "profile": profile_name, "limit": prof.limit, "device": models.device_kind(),
+              "profile": profile_name, "limit": prof.limit, "eval_backend": prof.eval_backend,
+              "device": models.device_kind(),
               "base_load_seconds": base_seconds, "reload_base_and_adapter_seconds": reload_seconds,
               "adapters": rows}
     out = Path(out)

@@ -165,6 +165,7 @@ def test_adapters_switch_on_one_base_equals_fresh_loads(built, tmp_path, tiny_mo
     prof = task.profiles["quick"]
     fresh = models.attach_adapter(models.load_base(str(tiny_model)), str(paths[1])).eval()
     ev = evaluate.evaluate(fresh, models.load_tokenizer(str(tiny_model)), r["tasks"], mirror=mirror,
-                           limit=prof.limit, batch_size=prof.eval_batch_size, seed=task.training.seed)
+                           limit=prof.limit, batch_size=prof.eval_batch_size, seed=task.training.seed,
+                           backend=prof.eval_backend)
     assert ev["results"] == r["adapters"][1]["results"]
     assert r["adapters"][0]["results"] != r["adapters"][1]["results"]  # the switch took effect
