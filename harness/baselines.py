@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from harness.config import PROJECT_ROOT, HarnessError
-from harness.io import write_json
+from harness.io import write_json, write_text
 
 EVAL_VERSION = 1
 BASELINES_ENV = "HARNESS_BASELINES"
@@ -128,7 +128,7 @@ def store(root: Path, k: dict, *, results: dict, n: int, version, samples: list[
     entry = {"key": k, "results": results, "n": n, "version": version, "seconds": round(seconds, 3),
              "source": source, "samples": _columns(samples)}
     try:
-        return write_json(_path(root, k), entry)
+        return write_text(_path(root, k), _dump(entry))
     except OSError as e:
         raise HarnessError(f"baselines directory {root}: not writable ({e.strerror}); "
                            f"pass --baselines-dir or set {BASELINES_ENV}") from None
@@ -140,6 +140,18 @@ def samples_of(entry: dict) -> list[dict]:
 
 
 def _columns(samples: list[dict]) -> dict:
-    """Per-document records as one column list and rows: a third of the size of a list of dicts."""
+    """Per-document records as one column list and rows: a third of the size of a list of dicts.
+    Hashes are cut to 64 bits as in samples/*.csv; a text target (a perplexity task's whole page)
+    is left out: pairing needs ids and scores, not the documents."""
+    samples = [{**s, "doc_hash": (s.get("doc_hash") or "")[:16] or None,
+                "target": s.get("target") if isinstance(s.get("target"), (int, float)) else None} for s in samples]
     columns = sorted({k for s in samples for k in s})
     return {"columns": columns, "rows": [[s.get(c) for c in columns] for s in sorted(samples, key=lambda s: s["doc_id"])]}
+
+
+def _dump(entry: dict) -> str:
+    """Indented JSON, but one line per document row: readable, diffable, and small."""
+    rows = entry["samples"]["rows"]
+    head = json.dumps({**entry, "samples": {**entry["samples"], "rows": "@ROWS@"}}, indent=2, sort_keys=True)
+    body = ",\n".join("      " + json.dumps(r, separators=(",", ":")) for r in rows)
+    return head.replace('"@ROWS@"', "[\n" + body + "\n    ]" if rows else "[]") + "\n"
