@@ -112,6 +112,9 @@ def environment() -> dict:
     try:
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
                                            text=True, timeout=5).stdout.strip() or None
+        # Tracked code that differs from the commit: the commit alone does not reproduce the run.
+        env["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "harness"],
+                                               cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
     return env

@@ -475,7 +475,8 @@ def _provenance_blocks(metrics: dict, config: dict) -> list[tuple]:
     hw = [["python", env.get("python")], ["platform", env.get("platform")],
           ["CPU", f"{env.get('cpu') or 'model not recorded'}, {env.get('cpu_count')} cores"],
           ["GPU", f"{env['gpu']} × {env.get('gpu_count') or 1}" if env.get("gpu") else "none"],
-          ["CUDA", env.get("cuda") or "n/a"], ["git commit", env.get("git_commit") or "n/a"]]
+          ["CUDA", env.get("cuda") or "n/a"], ["git commit", (env.get("git_commit") or "n/a") + (" (harness/ modified)" if env.get("git_dirty") else "")
+                          + (f"; {env['git_commit_note']}" if env.get("git_commit_note") else "")]]
     hw += [[k, v or "not installed"] for k, v in env.get("packages", {}).items()]
     blocks += [("h", 3, "Environment"), ("table", ["", "version / value"], [[k, str(v)] for k, v in hw]),
                ("code", "Resolved configuration (config.json)", json.dumps(config, indent=2, sort_keys=True))]
