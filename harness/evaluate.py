@@ -158,23 +158,25 @@ def formatter(name: str, *, mirror: Path | None):
     return fmt, process
 
 
-def make_lm(model, tokenizer, *, batch_size: int, backend: str = "harness"):
+def make_lm(model, tokenizer, *, batch_size: int, backend: str = "auto"):
     """The lm-eval model object: harness.fastlm.HarnessLM, or lm-eval's stock HFLM ("hf")."""
     from lm_eval.models.huggingface import HFLM
 
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    if backend == "auto":  # measured: faster on an H200 (1.37x), slower on a 2-core CPU
+        backend = "harness" if on_gpu else "hf"
     if backend == "hf":
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     if backend != "harness":
-        raise HarnessError(f"eval backend: must be harness or hf, got {backend!r}")
+        raise HarnessError(f"eval backend: must be auto, harness or hf, got {backend!r}")
     from harness.fastlm import HarnessLM
 
-    on_gpu = next(model.parameters()).device.type == "cuda"
     return HarnessLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                      mc_batch_size=max(batch_size, GPU_MC_BATCH) if on_gpu else batch_size)
 
 
 def evaluate(model, tokenizer, tasks: list[str], *, mirror: Path | None, limit: int | None,
-             batch_size: int, num_fewshot: int = 0, seed: int = 0, backend: str = "harness",
+             batch_size: int, num_fewshot: int = 0, seed: int = 0, backend: str = "auto",
              raw: bool = False) -> dict:
     """Run lm-eval's simple_evaluate on an in-memory model (plain, PeftModel, or over a 4-bit base),
     all tasks in one call.

@@ -35,7 +35,7 @@ def test_registered_with_lm_eval():
 def test_eval_backend_is_checked():
     from harness.config import HarnessError, Profile
 
-    assert Profile().eval_backend == "harness"
+    assert Profile().eval_backend == "auto"  # harness on GPU, hf on CPU
     with pytest.raises(HarnessError, match="eval_backend"):
         Profile(eval_backend="vllm")
 
