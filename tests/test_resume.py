@@ -22,8 +22,11 @@ from harness.cli import cli
 from harness.config import PROJECT_ROOT
 from harness.models import safetensors_tensors
 
-# Timings, memory, paths and the run's own name differ between two runs of the same inputs.
-VOLATILE = ("seconds", "per_second", "peak_", "path", "run_id", "resumed_from_step")
+# Timings, memory, paths, the run's own name, and whether the base came from the baseline cache
+# (and so whether its evaluation was measured) differ between two runs of the same inputs; the
+# summary is prose over the compared numbers plus those timings.
+VOLATILE = ("seconds", "per_second", "peak_", "path", "run_id", "resumed_from_step", "started", "finished",
+            "baseline", "resources", "summary")
 
 
 def _stable(x):
