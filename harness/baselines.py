@@ -143,8 +143,8 @@ def _columns(samples: list[dict]) -> dict:
     """Per-document records as one column list and rows: a third of the size of a list of dicts.
     Hashes are cut to 64 bits as in samples/*.csv; a text target (a perplexity task's whole page)
     is left out: pairing needs ids and scores, not the documents."""
-    samples = [{**s, "doc_hash": (s.get("doc_hash") or "")[:16] or None,
-                "target": s.get("target") if isinstance(s.get("target"), (int, float)) else None} for s in samples]
+    samples = [{k: (v[:16] if k == "doc_hash" and isinstance(v, str) else v) for k, v in s.items()
+                if not (k == "target" and not isinstance(v, (int, float)))} for s in samples]
     columns = sorted({k for s in samples for k in s})
     return {"columns": columns, "rows": [[s.get(c) for c in columns] for s in sorted(samples, key=lambda s: s["doc_id"])]}
 
