@@ -369,7 +369,7 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
             stage = "evaluating"
             evaluate_arm(arm.name, model, inputs, trained)
         except MEMORY_ERRORS as e:
-            if not _out_of_memory(e):
+            if not resources.is_out_of_memory(e):
                 raise
             _record_failure(run_dir, arm.name, inputs, stage, e)
             log(f"{arm.name}: FAILED, out of memory while {stage} "
@@ -425,7 +425,7 @@ def _train_arm(arm: Arm, arm_task: TaskConfig, profile, model_path: str, example
                            out_dir=arm_dir)
     except MEMORY_ERRORS as e:
         micro = arm_task.methods[arm.method].micro_batch_size
-        if not _out_of_memory(e) or micro <= 1:
+        if not resources.is_out_of_memory(e) or micro <= 1:
             raise
         gc.collect()
         _free_gpu()
@@ -481,14 +481,6 @@ def _memory_errors() -> tuple:
 
 
 MEMORY_ERRORS = _memory_errors()
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """CUDA OOM, Python's MemoryError, or the CPU allocator's RuntimeError; other RuntimeErrors are bugs."""
-    if not isinstance(e, RuntimeError) or isinstance(e, MEMORY_ERRORS[0]):
-        return True
-    msg = str(e)
-    return "can't allocate memory" in msg or "out of memory" in msg.lower()
 
 
 def _record_failure(run_dir: Path, arm: str, inputs: str, stage: str, e: BaseException) -> None:

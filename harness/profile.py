@@ -206,12 +206,6 @@ def _free(cuda: bool) -> None:
 # ---------------------------------------------------------------- measuring
 
 
-def _is_oom(e: BaseException) -> bool:
-    msg = str(e).lower()
-    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or any(
-        s in msg for s in ("out of memory", "can't allocate", "cannot allocate"))
-
-
 def _profile_method(method: str, base: str, st: dict, vocab: int, save_dir, tmp: Path) -> dict:
     import torch
 
@@ -268,7 +262,7 @@ def _profile_method(method: str, base: str, st: dict, vocab: int, save_dir, tmp:
         del loss, opt
         row.update(_saved_size(model, method, total, save_dir, tmp))  # after the peaks: saving is not training
     except Exception as e:
-        if not _is_oom(e):
+        if not resources.is_out_of_memory(e):
             raise
         row["failed"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     if steps is not None and steps.result:

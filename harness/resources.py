@@ -194,3 +194,13 @@ def safetensors_summary(paths) -> dict:
                 count *= d
             elements[dtype] = elements.get(dtype, 0) + count
     return {"bytes": total, "elements_by_dtype": elements, "dtype": ",".join(sorted(elements))}
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA OOM, Python's MemoryError, or the CPU allocator's RuntimeError; other errors are bugs."""
+    import torch
+
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(s in msg for s in ("out of memory", "can't allocate", "cannot allocate"))
