@@ -70,8 +70,11 @@ class Training:
     packing: bool = _help(
         "padding-free batches: a micro-batch's examples in one row, attention kept within each example "
         "(same loss as padding, less work)", default=True)
-    save_steps: int = _help("save a resumable Trainer checkpoint every N steps (rounded up to a multiple of "
-                            "logging_steps); an interrupted arm resumes from the last one", default=100)
+    save_minutes: float = _help(
+        "save a resumable Trainer checkpoint once this many minutes have passed since the last (at a logging "
+        "step); an interrupted arm resumes from the last one. 0: not by time", default=10.0)
+    save_steps: int | None = _help("also save one every N steps (rounded up to a multiple of logging_steps)",
+                                   default=None)
 
     def __post_init__(self):
         if self.epochs <= 0:
@@ -81,8 +84,10 @@ class Training:
         if self.max_length <= 8:
             raise HarnessError(f"training.max_length: must be > 8, got {self.max_length}")
         for name in ("logging_steps", "save_steps"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise HarnessError(f"training.{name}: must be > 0, got {getattr(self, name)}")
+        if self.save_minutes < 0:
+            raise HarnessError(f"training.save_minutes: must be >= 0, got {self.save_minutes}")
         if not 0 <= self.warmup_ratio < 1:
             raise HarnessError(f"training.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
 

@@ -37,12 +37,30 @@ log = logging.getLogger(__name__)
 @register_model("harness")
 class HarnessLM(HFLM):
     """HFLM whose multiple-choice path scores up to `mc_batch_size` requests (continuations; default
-    `batch_size`) per pair of forward passes; on a CUDA out-of-memory error the cap halves and the
-    batch is retried. `batch_size` stays HFLM's for everything else (rolling log-likelihood, generation)."""
+    `batch_size`) per pair of forward passes, and at most `mc_memory_bytes` of the batch's two big
+    tensors: the KV cache copied per continuation and the continuations' logits (estimated from the
+    model's config; default 8 GiB on CUDA, 2 GiB on CPU). Without that cap, 512 long continuations
+    of a 49k-token vocabulary made the allocator reserve 135 GiB of an H200. On a CUDA out-of-memory
+    error the cap halves and the batch is retried. `batch_size` stays HFLM's for everything else
+    (rolling log-likelihood, generation)."""
 
-    def __init__(self, *args, mc_batch_size: int | None = None, **kwargs):
+    def __init__(self, *args, mc_batch_size: int | None = None, mc_memory_bytes: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mc_batch_size = int(mc_batch_size) if mc_batch_size else None
+        default = (8 if self.device.type == "cuda" else 2) * 2**30
+        self.mc_memory_bytes = int(mc_memory_bytes) if mc_memory_bytes else default
+
+    @functools.cached_property
+    def _bytes_per_token(self) -> tuple[int, int]:
+        """(KV-cache bytes per cached token, logits bytes per scored token), from the model's config."""
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        size = next(self.model.parameters()).element_size() if self.mixed_precision_dtype is None else 2
+        size = max(size, 2)  # a 4-bit base computes in 16 or 32 bits
+        heads = getattr(cfg, "num_attention_heads", 1)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv = cfg.num_hidden_layers * 2 * (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim * size
+        return kv, cfg.vocab_size * size
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         if (self.enable_thinking or self.backend != "causal" or self.world_size > 1
@@ -122,15 +140,22 @@ class HarnessLM(HFLM):
         logprob = torch.empty(len(encoded), dtype=torch.float64, device=self.device)
         greedy = torch.empty(len(encoded), dtype=torch.bool, device=self.device)
         cap = self.mc_batch_size or self.batch_size
+        kv_bytes, logit_bytes = self._bytes_per_token
         start = 0
         while start < len(order):
-            end, rows, longest = start, 0, len(order[start][0])
+            end, rows, longest, klen = start, 0, len(order[start][0]), 0
             # Length buckets: a context under 3/4 of the batch's longest starts a new batch, so
-            # padding stays under a quarter of the prefix tokens.
-            while end < len(order) and (end == start or (rows + len(order[end][1]) <= cap
-                                                         and 4 * len(order[end][0]) >= 3 * longest)):
-                rows += len(order[end][1])
-                end += 1
+            # padding stays under a quarter of the prefix tokens. Rows are padded to the batch's
+            # longest prefix and continuation: that is what the memory estimate counts.
+            while end < len(order):
+                members = order[end][1]
+                k = max(klen, *(len(encoded[i][1]) for i in members))
+                n = rows + len(members)
+                fits = (n <= cap and 4 * len(order[end][0]) >= 3 * longest
+                        and n * (longest * kv_bytes + k * logit_bytes) <= self.mc_memory_bytes)
+                if end > start and not fits:
+                    break
+                rows, klen, end = n, k, end + 1
             batch = order[start:end]
             try:
                 idx, lp, gr = self._score_batch(batch, encoded)
@@ -150,7 +175,8 @@ class HarnessLM(HFLM):
         """One forward over the contexts' prefixes, one over all their continuations from the cache."""
         dev = self.device
         prefixes = [list(ctx[:-1]) for ctx, _ in batch]
-        plen = max(len(p) for p in prefixes)
+        # Widths rounded up (padding is masked): fewer distinct shapes for the allocator to cache.
+        plen = -(-max(len(p) for p in prefixes) // 16) * 16
         prefix_ids = torch.tensor([p + [0] * (plen - len(p)) for p in prefixes])
         prefix_mask = torch.tensor([[1] * len(p) + [0] * (plen - len(p)) for p in prefixes])
         rows, row_group, req_idx = [], [], []
@@ -159,7 +185,7 @@ class HarnessLM(HFLM):
                 rows.append((ctx[-1], encoded[i][1]))
                 row_group.append(g)
                 req_idx.append(i)
-        klen = max(len(cont) for _, cont in rows)
+        klen = -(-max(len(cont) for _, cont in rows) // 8) * 8
         # Row: the context's last token, then the continuation but its last token; targets: the continuation.
         inputs = torch.tensor([[last] + cont[:-1] + [0] * (klen - len(cont)) for last, cont in rows])
         targets = torch.tensor([cont + [0] * (klen - len(cont)) for _, cont in rows])
@@ -180,8 +206,13 @@ class HarnessLM(HFLM):
             logits = self.model(input_ids=inputs, attention_mask=torch.cat([prefix_mask[row_group], row_mask], 1),
                                 position_ids=positions, use_cache=True, **{self._cache_kwarg: cache}).logits
         del cache, out
-        logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
         valid = row_mask.bool()
-        token_lp = logp.gather(2, targets.unsqueeze(-1)).squeeze(-1).masked_fill(~valid, 0)
-        is_greedy = ((logp.argmax(-1) == targets) | ~valid).all(1)
-        return req_idx, token_lp.sum(1), is_greedy
+        sums, greedy = [], []
+        # log-softmax in slices of rows: its float32 copy of the logits stays small.
+        step = max(1, 4096 // logits.shape[1])
+        for r in range(0, logits.shape[0], step):
+            logp = F.log_softmax(logits[r:r + step], dim=-1, dtype=self.softmax_dtype)
+            tgt, ok = targets[r:r + step], valid[r:r + step]
+            sums.append(logp.gather(2, tgt.unsqueeze(-1)).squeeze(-1).masked_fill(~ok, 0).sum(1))
+            greedy.append(((logp.argmax(-1) == tgt) | ~ok).all(1))
+        return req_idx, torch.cat(sums), torch.cat(greedy)

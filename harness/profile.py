@@ -214,7 +214,7 @@ def _profile_method(method: str, base: str, st: dict, vocab: int, save_dir, tmp:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     resources.reset_peak_rss()
-    steps = None  # resources.measure over the optimizer steps: its own peaks, NVML sampled every 50 ms
+    steps = None  # resources.measure over the optimizer steps: its own peaks, NVML sampled every 200 ms
     try:
         model, trainable, total = models.build_model(method, base, lora=st["lora"], quant=st["quant"],
                                                      gradient_checkpointing=st["gradient_checkpointing"])

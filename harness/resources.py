@@ -7,7 +7,7 @@ NVML figure), and what a saved safetensors file holds.
 
 Peaks are the stage's own, not the process's: torch's peak stats are reset at the stage start; the
 kernel's peak RSS (VmHWM) is reset through /proc/self/clear_refs where allowed, and a background
-thread samples RSS and NVML every 50 ms (NVML sees the whole device: CUDA context, other processes,
+thread samples RSS and NVML every 200 ms (NVML sees the whole device: CUDA context, other processes,
 paged optimizer states outside torch's allocator). Which source gave each figure is recorded.
 """
 
@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-INTERVAL = 0.05  # seconds between samples
+INTERVAL = 0.2  # seconds between samples (peaks from VmHWM and torch are exact; NVML is sampled)
 
 
 def rss_bytes() -> int:

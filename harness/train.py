@@ -10,15 +10,19 @@ Speed without changing what is learned: a micro-batch's examples are packed into
 padding (training.packing), position_ids restart at each example and SDPA's mask stays
 block-diagonal, so no example attends to another (tests/test_train_speed.py checks the loss equals
 the padded batch's); no GPU->CPU sync per step (the loss is read only every logging_steps); no
-per-step walk over the model's modules. Steps are short (16 tweets, ~800 tokens), so per-step
+per-step walk over the model's modules (`lean_steps`); resumable checkpoints by time, not by step
+count (writing fp32 weights and AdamW states cost ~10-20 s each on the H200 machine: every 100 steps
+that was a third of a full arm's training). Steps are short (16 tweets, ~800 tokens), so per-step
 Python and launch overhead, not arithmetic, bounds the speed on a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,10 +110,42 @@ def _trainer_class():
     return CountOnceTrainer
 
 
+@contextlib.contextmanager
+def lean_steps(model):
+    """HF Trainer calls model.train() and model.zero_grad() at every step, and each walks every module
+    or parameter: ~2,500 modules on a LoRA-wrapped SmolLM2, ~60 ms of Python per QLoRA step on the
+    H200 host (cProfile). Inside the block train(mode) walks only when the mode changes (nothing
+    else switches modes during training), and zero_grad clears only the trainable parameters' gradients
+    (frozen ones never get any): the same effect. The instance overrides are removed on exit."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    state = {"mode": None}
+    plain_train = model.train
+
+    def train(mode: bool = True):
+        if state["mode"] is not mode:
+            plain_train(mode)
+            state["mode"] = mode
+        return model
+
+    def zero_grad(set_to_none: bool = True):
+        for p in trainable:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    model.train, model.zero_grad = train, zero_grad
+    try:
+        yield model
+    finally:
+        del model.train, model.zero_grad
+
+
 def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, examples: list[dict],
         out_dir: Path) -> TrainResult:
     """Train one arm; save its checkpoint or adapter under out_dir (the git-ignored work dir)."""
-    from transformers import TrainerCallback, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
     settings: Method | None = task.methods.get(method)
     if settings is None:
@@ -129,9 +165,6 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     if profile.max_steps is not None:
         max_steps = min(max_steps, profile.max_steps)
     cuda = models.device_kind() == "cuda"
-    # Checkpoints at log steps: the loss logged up to a checkpoint then covers every step before it,
-    # so a resumed arm reports the whole run's mean loss (see _resumed_loss).
-    save_steps = math.ceil(t.save_steps / t.logging_steps) * t.logging_steps
     args = TrainingArguments(
         output_dir=str(out_dir / "trainer"),
         per_device_train_batch_size=micro,
@@ -142,8 +175,7 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.lr_scheduler,
         logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
+        save_strategy="no",  # _checkpoint_callback decides; Trainer's own also saves after the last step
         save_total_limit=1,  # one checkpoint to resume from; the final weights go to save_arm
         report_to=[],
         seed=t.seed,
@@ -159,19 +191,16 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         remove_unused_columns=False,
         disable_tqdm=False,
     )
-    class StopAt(TrainerCallback):  # HARNESS_STOP_AT=train:<arm>:<step>: killed right after that checkpoint
-        def on_save(self, args, state, control, **kwargs):
-            stop_point(f"train:{out_dir.name}:{state.global_step}")
-
     trainer = _trainer_class()(model=model, args=args, train_dataset=examples,
-                               data_collator=collator(tokenizer, packing=t.packing), callbacks=[StopAt()])
+                               data_collator=collator(tokenizer, packing=t.packing),
+                               callbacks=[_checkpoint_callback()(t, max_steps, arm=out_dir.name)])
     checkpoint = resume_checkpoint(out_dir / "trainer")
     # A KV cache during training makes transformers skip the packed-sequence mask (examples would
     # attend across their boundaries); it is useless for training anyway.
     config = model.config
     use_cache, config.use_cache = config.use_cache, False
     try:
-        with resources.measure() as measured:  # this stage's own peaks (RSS, torch allocator, NVML)
+        with resources.measure() as measured, lean_steps(model):  # measured: this stage's own peaks
             out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         config.use_cache = use_cache
@@ -210,6 +239,38 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the arm is saved; its checkpoint is spent
     model.eval()
     return TrainResult(model=model, stats=stats)
+
+
+def _checkpoint_callback():
+    from transformers import TrainerCallback
+
+    class Checkpoints(TrainerCallback):
+        """A resumable checkpoint once `save_minutes` have passed since the last (or the start), and
+        every `save_steps` if set; only at logging steps, so the loss logged up to a checkpoint covers
+        every step before it and a resumed arm reports the whole run's mean loss (_resumed_loss). None
+        after the last step: the arm is saved whole right after training.
+        HARNESS_STOP_AT=train:<arm>:<step> kills the run right after that checkpoint."""
+
+        def __init__(self, training, max_steps: int, *, arm: str):
+            self.t, self.max_steps, self.arm = training, max_steps, arm
+            self.every = (math.ceil(training.save_steps / training.logging_steps) * training.logging_steps
+                          if training.save_steps else None)
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            if step % self.t.logging_steps or step >= self.max_steps:
+                return control
+            due_time = self.t.save_minutes > 0 and time.monotonic() - self.last >= 60 * self.t.save_minutes
+            if due_time or (self.every and step % self.every == 0):
+                control.should_save = True
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+            stop_point(f"train:{self.arm}:{state.global_step}")
+
+    return Checkpoints
 
 
 def _step(checkpoint: Path) -> int:

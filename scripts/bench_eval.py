@@ -7,9 +7,11 @@ batch size and documents, alternating (ref, harness, ref, harness, ...), with a 
 Reference: lm_eval.simple_evaluate(model="hf", model_args="pretrained=<dir>,dtype=<dtype>", batch_size=N)
 on the same task configs (mirror-rewritten by harness.evaluate.task_config). Harness: load the model,
 then harness.evaluate.evaluate (lm-eval's evaluator with the "harness" model class, all tasks in one
-call). Each run's wall time covers model loading and lm-eval's whole evaluation; both log samples
-(needed for the check). Before timing, the tasks are loaded once, so that neither side pays for
-building the datasets cache. Writes the "## Evaluation" section of --out (markdown).
+call). Each run's wall time covers model loading, building the tasks (the harness's per-process task
+cache is emptied before each of its runs) and lm-eval's whole evaluation; both log samples (needed for
+the check). Before timing, lm-eval's task index and the datasets cache are built once, so that neither
+side pays for them. The process runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (as the
+`harness` command sets it), for both sides. Writes the "## Evaluation" section of --out (markdown).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="markdown file (default results/bench/<date>-<device>.md)")
     args = ap.parse_args()
 
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
     import torch
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -63,8 +66,12 @@ def main() -> None:
     runs, raw = [], {}
     for r in range(args.rounds):
         for side in ("hf", "harness"):
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             seconds, metrics, resp = _run(side, path, tasks, configs, samples, mirror, args, dev)
-            runs.append((side, r + 1, seconds))
+            peak = ((torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if dev == "cuda"
+                    else (None, None))
+            runs.append((side, r + 1, seconds, *peak))
             raw.setdefault(side, (metrics, resp))
             print(f"[bench] {side} round {r + 1}: {seconds:.1f}s", flush=True)
             if dev == "cuda":
@@ -94,6 +101,7 @@ def _run(side, path, tasks, configs, samples, mirror, args, dev):
         return seconds, metrics, evaluate.raw_responses(out)
     from transformers import AutoModelForCausalLM
 
+    evaluate._TASKS.clear()  # this run builds its tasks, as the reference does
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(dev).eval()
     tokenizer = models.load_tokenizer(path)
     ev = evaluate.evaluate(model, tokenizer, tasks, mirror=mirror, limit=args.limit, batch_size=args.batch_size,
@@ -104,8 +112,9 @@ def _run(side, path, tasks, configs, samples, mirror, args, dev):
 
 
 def _render(runs, raw, tasks, args, device_name, dev) -> str:
-    ref = [s for side, _, s in runs if side == "hf"]
-    fast = [s for side, _, s in runs if side == "harness"]
+    ref = [s for side, _, s, *_ in runs if side == "hf"]
+    fast = [s for side, _, s, *_ in runs if side == "harness"]
+    mem = {side: [(a, b) for s_, _, _, a, b in runs if s_ == side] for side in ("hf", "harness")}
     agree = evaluate.agreement(raw["hf"][1], raw["harness"][1])
     tol = TOLERANCE[args.dtype]
     ok = agree["same_pred"] == agree["documents"] and agree["max_abs_diff"] <= tol
@@ -117,9 +126,10 @@ def _render(runs, raw, tasks, args, device_name, dev) -> str:
              f"Reference: `lm_eval.simple_evaluate(model=\"hf\", batch_size={args.batch_size})` (lm-eval's HFLM). "
              f"Harness: `harness.evaluate.evaluate` (model class `harness`, {mc} multiple-choice requests per "
              f"batch). Wall time includes loading the model; both log samples.", "",
-             "| run | lm-eval hf (s) | harness (s) |", "|---|---|---|"]
+             "| run | lm-eval hf (s) | harness (s) | peak allocated / reserved, hf | peak allocated / reserved, "
+             "harness |", "|---|---|---|---|---|"]
     for i, (a, b) in enumerate(zip(ref, fast, strict=True)):
-        lines.append(f"| {i + 1} | {a:.1f} | {b:.1f} |")
+        lines.append(f"| {i + 1} | {a:.1f} | {b:.1f} | {_gib(*mem['hf'][i])} | {_gib(*mem['harness'][i])} |")
     lines += ["", f"Speed-up: **{min(ref) / min(fast):.2f}x** (best of each), "
               f"{statistics.median(ref) / statistics.median(fast):.2f}x (medians).", "",
               f"Agreement: same choice on {agree['same_pred']}/{agree['documents']} documents, same is_greedy "
@@ -132,6 +142,10 @@ def _render(runs, raw, tasks, args, device_name, dev) -> str:
             if isinstance(a[m], (int, float)) and m in b:
                 lines.append(f"| {t} | {m} | {a[m]:.4f} | {b[m]:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def _gib(allocated, reserved) -> str:
+    return "n/a" if allocated is None else f"{allocated / 2**30:.1f} / {reserved / 2**30:.1f} GiB"
 
 
 def _slug(name: str) -> str:

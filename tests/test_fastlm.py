@@ -71,6 +71,27 @@ def test_loglikelihood_matches_hflm_request_by_request(tiny):
     _assert_same(stock.loglikelihood(reqs), fast.loglikelihood(reqs))
 
 
+def test_memory_cap_splits_batches_without_changing_scores(tiny):
+    model, tokenizer = tiny
+    stock, fast = _lms(model, tokenizer, batch_size=16)
+    batches = []
+    score = fast._score_batch
+    fast._score_batch = lambda batch, encoded: batches.append(len(batch)) or score(batch, encoded)
+    kv, logit = fast._bytes_per_token
+    cfg = model.config
+    assert kv == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert logit == cfg.vocab_size * 4
+    reqs = _requests(_mc_pairs())
+    roomy = fast.loglikelihood(reqs)
+    n_roomy = len(batches)
+    fast.mc_memory_bytes = 1  # below any one context: every context is a batch of its own
+    batches.clear()
+    tight = fast.loglikelihood(reqs)
+    assert n_roomy < len(batches) and set(batches) == {1}
+    _assert_same(stock.loglikelihood(reqs), tight)
+    _assert_same(roomy, tight)
+
+
 def test_tokenization_is_hflms(tiny):
     stock, fast = _lms(*tiny, batch_size=4)
     pairs = _mc_pairs()
