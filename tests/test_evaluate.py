@@ -48,3 +48,40 @@ def test_limit_is_a_seeded_random_subset_not_the_first_documents(mirror):
     assert len(a["finance_tweets"]) == 5 and a["finance_tweets"] != [0, 1, 2, 3, 4]
     assert a != evaluate.subsample(["finance_tweets", "arc_easy"], 5, mirror=mirror, seed=1)
     assert evaluate.subsample(["arc_easy"], 100, mirror=mirror, seed=0)["arc_easy"] == list(range(12))
+
+
+def test_cached_templates_render_as_lm_eval_does_and_restore_it():
+    import jinja2
+    import lm_eval.utils as lm_utils
+
+    original = lm_utils.apply_template
+    doc = {"question": "Is it up?", "choices": ["yes", "no"]}
+    template = "{{question}} {{choices | join(', ')}}"
+    want = original(template, doc)
+    evaluate._compiled.cache_clear()
+    with evaluate.cached_templates():
+        assert lm_utils.apply_template is not original
+        with evaluate.cached_templates():  # a nested block leaves the outer one's in place
+            got = [lm_utils.apply_template(template, doc) for _ in range(3)]
+        assert lm_utils.apply_template is not original
+        with pytest.raises(jinja2.UndefinedError):  # lm-eval's StrictUndefined environment
+            lm_utils.apply_template("{{missing}}", doc)
+    assert lm_utils.apply_template is original
+    assert got == [want] * 3
+    info = evaluate._compiled.cache_info()
+    assert info.misses == 2 and info.hits == 2  # compiled once per distinct template
+
+
+def test_eval_task_is_built_once_and_again_when_its_data_changes(mirror, tmp_path):
+    import shutil
+
+    m = tmp_path / "mirror"
+    shutil.copytree(mirror, m)
+    task = evaluate.eval_task("arc_easy", mirror=m)
+    assert evaluate.eval_task("arc_easy", mirror=m) is task
+    # the documents lm-eval itself reads, in its order
+    assert list(task.eval_docs) == list(evaluate.load_task_object("arc_easy", mirror=m).eval_docs)
+    data = m / "allenai/ai2_arc/ARC-Easy/test.jsonl"
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:5]))
+    again = evaluate.eval_task("arc_easy", mirror=m)
+    assert again is not task and len(again.eval_docs) == 5

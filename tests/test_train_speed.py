@@ -128,3 +128,59 @@ def test_flos_counted_as_transformers_does(tmp_path, tiny_model):
     ours = train._trainer_class()(model=model, args=args)
     assert ours.floating_point_ops(batch) == Trainer(model=model, args=args).floating_point_ops(batch) > 0
     assert ours.floating_point_ops(batch) == ours.floating_point_ops(batch)  # cached count, same answer
+
+
+def test_lean_steps_keeps_modes_and_gradients_as_trainer_expects(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    with train.lean_steps(model):
+        model.eval()
+        assert not any(m.training for m in model.modules())
+        model.train()
+        assert all(m.training for m in model.modules())
+        inner = next(m for m in model.modules() if m is not model)
+        inner.training = False
+        model.train()  # same mode: no walk (nothing else changes modes while training)
+        assert not inner.training
+        model.eval()  # a change of mode walks every module
+        assert not any(m.training for m in model.modules())
+        model.train()
+        assert inner.training
+        _loss(model, train.collator(models.load_tokenizer(str(tiny_model)), packing=True)(
+            [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}])).backward()
+        assert all(p.grad is not None for p in trainable) and all(p.grad is None for p in frozen)
+        model.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+    # the instance overrides are gone: the class's own methods answer again
+    assert "train" not in vars(model) and "zero_grad" not in vars(model)
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
+def test_checkpoints_by_time_and_by_steps_at_logging_steps_only(monkeypatch):
+    from transformers import TrainerControl, TrainerState
+
+    from harness.config import Training
+
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
+
+    def saves(training, max_steps, minutes_per_step):
+        cb = train._checkpoint_callback()(training, max_steps, arm="full")
+        out = []
+        for step in range(1, max_steps + 1):
+            clock[0] += 60 * minutes_per_step
+            control = cb.on_step_end(None, TrainerState(global_step=step), TrainerControl())
+            if control.should_save:
+                out.append(step)
+                cb.last = clock[0]  # as on_save does
+        return out
+
+    # every 10 minutes, at a logging step; never after the last step (the arm is saved whole then)
+    assert saves(Training(logging_steps=5), 40, 1.0) == [10, 20, 30]
+    assert saves(Training(logging_steps=5, save_minutes=0), 40, 1.0) == []
+    assert saves(Training(logging_steps=5, save_minutes=0, save_steps=12), 40, 0.0) == [15, 30]
+    assert saves(Training(logging_steps=1), 40, 0.01) == []  # a short run writes no checkpoint
