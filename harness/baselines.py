@@ -78,9 +78,9 @@ def model_sha256(path: str | Path) -> str:
 @lru_cache(maxsize=None)
 def task_sha256(name: str, mirror: Path | None) -> str:
     """lm-eval's task config (minus where its data lives) plus the documents it evaluates."""
-    from harness.evaluate import load_task_object
+    from harness.evaluate import eval_task
 
-    task = load_task_object(name, mirror=mirror)
+    task = eval_task(name, mirror=mirror)  # the Task evaluation then uses: built once
     config = {k: v for k, v in task.dump_config().items() if k not in WHERE_KEYS}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=_describe).encode())
     for doc in task.eval_docs:

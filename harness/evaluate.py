@@ -206,7 +206,7 @@ def formatter(name: str, *, mirror: Path | None):
 
     Training examples go through the same doc_to_text / doc_to_choice / doc_to_target (and
     process_docs) as evaluation, so the fine-tuned arms learn the very prompt they are tested on."""
-    task = load_task_object(name, mirror=mirror)
+    task = eval_task(name, mirror=mirror)  # the same Task object evaluation uses
     if task.OUTPUT_TYPE != "multiple_choice":
         raise HarnessError(f"train.format_task {name}: must be a multiple_choice task, is {task.OUTPUT_TYPE}")
     delimiter = task.config.target_delimiter
