@@ -113,8 +113,8 @@ class Profile:
     eval_batch_size: int = _help("lm-eval batch size", default=8)
     eval_backend: str = _help(
         "lm-eval model class: harness (shared-prefix scoring of multiple-choice tasks, same results), hf "
-        "(lm-eval's stock HFLM, to verify), or auto: harness on GPU, hf on CPU (where the harness class "
-        "measured slower: 190 s vs 128 s for the quick profile's base on 2 cores)", default="auto")
+        "(lm-eval's stock HFLM, to verify), or auto: harness (measured faster on the H200 and on 2 CPU cores)",
+        default="auto")
     batch_size: int | None = _help("effective training batch for this profile; null = training.batch_size", default=None)
     max_steps: int | None = _help("cap on optimizer steps; null = from epochs", default=None)
     perplexity_limit: int | None = _help("documents of the suite's perplexity task; null = all", default=None)

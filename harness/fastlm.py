@@ -8,15 +8,21 @@ request to the batch's longest, and moves per-request tensors to the CPU, this c
   (trailing spaces moved to the continuation, the whole string encoded and split at the context's
   length, BOS handling);
 - runs each distinct context once (all tokens but the last) and keeps its KV cache;
-- scores every continuation of that context from the cache, in one batch: the input is the context's
-  last token followed by the continuation minus its last token, at the positions the full sequence
-  would have, so the log-probabilities are those of HFLM's single pass, up to floating-point order;
+- scores all continuations of that context in one row after the cache: each is the context's last
+  token followed by the continuation minus its last token, at the positions the full sequence would
+  have, and a 4D attention mask lets it see the context and its own earlier tokens only, so the
+  log-probabilities are those of HFLM's single pass, up to floating-point order. Nothing is copied
+  per continuation, and a batch groups contexts of similar length and similar total continuation
+  length: padding every continuation to the batch's longest was over half of the arithmetic on the
+  six-task suite (3.7 M scored positions for 1.35 M real ones);
 - does log-softmax, gather and the greedy check on the device, and copies two numbers per request to
   the CPU once at the end.
 
-Requests the shared-prefix path cannot score exactly as HFLM does (a one-token context, or a context
-plus continuation longer than the model's window, which HFLM truncates per request from the left) go
-to HFLM's own `_loglikelihood_tokens`, as does everything on a seq2seq model or with several ranks.
+Requests the shared-prefix path cannot score exactly as HFLM does (a one-token context, a context
+plus continuation longer than the model's window, which HFLM truncates per request from the left, or
+than a sliding attention window) go to HFLM's own `_loglikelihood_tokens`, as does everything on a
+seq2seq model, with several ranks, or with an attention implementation that takes no custom 4D mask
+(flash, flex: only SDPA and eager do).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +45,11 @@ log = logging.getLogger(__name__)
 class HarnessLM(HFLM):
     """HFLM whose multiple-choice path scores up to `mc_batch_size` requests (continuations; default
     `batch_size`) per pair of forward passes, and at most `mc_memory_bytes` of the batch's two big
-    tensors: the KV cache copied per continuation and the continuations' logits (estimated from the
-    model's config; default 8 GiB on CUDA, 2 GiB on CPU). Without that cap, 512 long continuations
-    of a 49k-token vocabulary made the allocator reserve 135 GiB of an H200. On a CUDA out-of-memory
-    error the cap halves and the batch is retried. `batch_size` stays HFLM's for everything else
-    (rolling log-likelihood, generation)."""
+    tensors: the KV cache of its prefixes and packed continuations, and the continuations' logits
+    (estimated from the model's config; default 8 GiB on CUDA, 2 GiB on CPU). Without that cap, 512
+    long continuations of a 49k-token vocabulary made the allocator reserve 135 GiB of an H200. On a
+    CUDA out-of-memory error the cap halves and the batch is retried. `batch_size` stays HFLM's for
+    everything else (rolling log-likelihood, generation)."""
 
     def __init__(self, *args, mc_batch_size: int | None = None, mc_memory_bytes: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -70,8 +77,7 @@ class HarnessLM(HFLM):
         encoded = self.encode_pairs(pairs)
         shared, stock = [], []
         for i, (ctx, cont) in enumerate(encoded):
-            fits = len(ctx) >= 2 and 0 < len(cont) and len(ctx) + len(cont) <= self.max_length + 1
-            (shared if fits else stock).append(i)
+            (shared if self._mask_kind and self._packable(ctx, cont) else stock).append(i)
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         if stock:
             reqs = [(pairs[i], *encoded[i]) for i in stock]
@@ -131,32 +137,51 @@ class HarnessLM(HFLM):
 
     # -- scoring -----------------------------------------------------------------------------------
 
+    @functools.cached_property
+    def _mask_kind(self) -> str | None:
+        """How a custom 4D attention mask reaches this model's attention: "bool" (SDPA), "additive"
+        (eager), or None where transformers cannot take one (flash / flex attention: HFLM's path)."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        impl = getattr(model.config, "_attn_implementation", None) or "eager"
+        return {"sdpa": "bool", "eager": "additive"}.get(impl)
+
+    def _packable(self, ctx: list[int], cont: list[int]) -> bool:
+        """Scored by the shared-prefix path: a context of two tokens or more, within the model's window
+        (HFLM truncates longer ones per request) and any sliding window (a custom mask bypasses it)."""
+        cfg = self.model.config
+        window = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "sliding_window", None)
+        n = len(ctx) + len(cont)
+        return len(ctx) >= 2 and 0 < len(cont) and n <= self.max_length + 1 and (not window or n <= window)
+
     def _shared_prefix_scores(self, encoded: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (ctx, _) in enumerate(encoded):
             groups.setdefault(tuple(ctx), []).append(i)
-        # Longest first (like HFLM): an out-of-memory error shows at once, and batches pad little.
-        order = sorted(groups.items(), key=lambda kv: (-len(kv[0]), -max(len(encoded[i][1]) for i in kv[1])))
+        # (prefix length, continuation tokens of all its choices, context, requests) per context.
+        items = [(len(ctx) - 1, sum(len(encoded[i][1]) for i in members), ctx, members)
+                 for ctx, members in groups.items()]
+        # Buckets of packed-continuation length (x1.25 apart), longest prefix first within one: a batch
+        # pads its prefixes and continuations little (padding the continuations to the batch's longest
+        # choice was over half the work on the six-task suite). Largest first: an OOM shows at once.
+        items.sort(key=lambda it: (-math.floor(math.log(it[1], 1.25)), -it[0]))
         logprob = torch.empty(len(encoded), dtype=torch.float64, device=self.device)
         greedy = torch.empty(len(encoded), dtype=torch.bool, device=self.device)
         cap = self.mc_batch_size or self.batch_size
         kv_bytes, logit_bytes = self._bytes_per_token
         start = 0
-        while start < len(order):
-            end, rows, longest, klen = start, 0, len(order[start][0]), 0
-            # Length buckets: a context under 3/4 of the batch's longest starts a new batch, so
-            # padding stays under a quarter of the prefix tokens. Rows are padded to the batch's
-            # longest prefix and continuation: that is what the memory estimate counts.
-            while end < len(order):
-                members = order[end][1]
-                k = max(klen, *(len(encoded[i][1]) for i in members))
-                n = rows + len(members)
-                fits = (n <= cap and 4 * len(order[end][0]) >= 3 * longest
-                        and n * (longest * kv_bytes + k * logit_bytes) <= self.mc_memory_bytes)
+        while start < len(items):
+            end, rows, lo, hi, qmax = start, 0, items[start][0], items[start][0], 0
+            # A context joins while the batch's prefixes stay within 3/4 of each other and the batch's
+            # KV cache plus logits (padded to its longest prefix and packed continuation) fit the budget.
+            while end < len(items):
+                plen, q, _, members = items[end]
+                n, lo2, hi2, q2 = rows + len(members), min(lo, plen), max(hi, plen), max(qmax, q)
+                need = (end - start + 1) * (hi2 * kv_bytes + q2 * (kv_bytes + logit_bytes))
+                fits = n <= cap and 4 * lo2 >= 3 * hi2 and need <= self.mc_memory_bytes
                 if end > start and not fits:
                     break
-                rows, klen, end = n, k, end + 1
-            batch = order[start:end]
+                rows, lo, hi, qmax, end = n, lo2, hi2, q2, end + 1
+            batch = items[start:end]
             try:
                 idx, lp, gr = self._score_batch(batch, encoded)
             except torch.cuda.OutOfMemoryError:
@@ -172,47 +197,67 @@ class HarnessLM(HFLM):
         return list(zip(logprob.tolist(), greedy.tolist(), strict=True))
 
     def _score_batch(self, batch, encoded):
-        """One forward over the contexts' prefixes, one over all their continuations from the cache."""
+        """Two forward passes for a batch of contexts: one over their prefixes (all tokens but the
+        last; right-padded, so the causal mask alone is exact and no mask is built), and one over
+        each context's choices packed into one row after its cached prefix. In that row each choice
+        is its context's last token followed by the choice minus its last token, at the positions
+        the whole sequence would have, and a 4D mask lets it see the prefix and its own earlier
+        tokens only: the log-probabilities of HFLM's one pass per request, up to floating-point order,
+        without copying the prefix's cache per choice or padding every choice to the longest."""
         dev = self.device
-        prefixes = [list(ctx[:-1]) for ctx, _ in batch]
-        # Widths rounded up (padding is masked): fewer distinct shapes for the allocator to cache.
-        plen = -(-max(len(p) for p in prefixes) // 16) * 16
-        prefix_ids = torch.tensor([p + [0] * (plen - len(p)) for p in prefixes])
-        prefix_mask = torch.tensor([[1] * len(p) + [0] * (plen - len(p)) for p in prefixes])
-        rows, row_group, req_idx = [], [], []
-        for g, (ctx, members) in enumerate(batch):
-            for i in members:
-                rows.append((ctx[-1], encoded[i][1]))
-                row_group.append(g)
+        plen = -(-max(it[0] for it in batch) // 16) * 16  # widths rounded up: fewer shapes to cache
+        qlen = -(-max(it[1] for it in batch) // 8) * 8
+        prefix_ids, prefix_lens, inputs, targets, segments, positions, owner, req_idx = [], [], [], [], [], [], [], []
+        for p, q, ctx, members in batch:
+            prefix_ids.append(list(ctx[:-1]) + [0] * (plen - p))
+            prefix_lens.append(p)
+            row_in, row_tg, row_seg, row_pos, row_own = [], [], [], [], []
+            for s, i in enumerate(members):
+                cont = encoded[i][1]
+                row_in += [ctx[-1], *cont[:-1]]
+                row_tg += cont
+                row_seg += [s] * len(cont)
+                row_pos += range(p, p + len(cont))
+                row_own += [len(req_idx)] * len(cont)
                 req_idx.append(i)
-        klen = -(-max(len(cont) for _, cont in rows) // 8) * 8
-        # Row: the context's last token, then the continuation but its last token; targets: the continuation.
-        inputs = torch.tensor([[last] + cont[:-1] + [0] * (klen - len(cont)) for last, cont in rows])
-        targets = torch.tensor([cont + [0] * (klen - len(cont)) for _, cont in rows])
-        row_mask = torch.tensor([[1] * len(cont) + [0] * (klen - len(cont)) for _, cont in rows])
-        positions = torch.tensor([len(p) for p in prefixes])[row_group][:, None] + torch.arange(klen)
-        row_group = torch.tensor(row_group)
-        req_idx = torch.tensor(req_idx)
+            pad = qlen - q
+            inputs.append(row_in + [0] * pad)
+            targets.append(row_tg + [0] * pad)
+            segments.append(row_seg + [-1] * pad)
+            positions.append(row_pos + [p] * pad)
+            owner.append(row_own + [-1] * pad)
         pin = dev.type == "cuda"
-        prefix_ids, prefix_mask, inputs, targets, row_mask, positions, row_group, req_idx = (
-            (t.pin_memory() if pin else t).to(dev, non_blocking=True)
-            for t in (prefix_ids, prefix_mask, inputs, targets, row_mask, positions, row_group, req_idx))
+        prefix_ids, prefix_lens, inputs, targets, segments, positions, owner, req_idx = (
+            (t.pin_memory() if pin else t).to(dev, non_blocking=True) for t in map(torch.tensor, (
+                prefix_ids, prefix_lens, inputs, targets, segments, positions, owner, req_idx)))
+        # Mask (contexts, 1, qlen, plen + qlen): the real prefix tokens, then the same choice up to here.
+        # A padding position sees the prefix only (a row with nothing to see would be NaN).
+        see_prefix = torch.arange(plen, device=dev)[None, None, :] < prefix_lens[:, None, None]
+        pos = torch.arange(qlen, device=dev)
+        see_own = ((segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] >= 0)
+                   & (pos[None, None, :] <= pos[None, :, None]))
+        mask = torch.cat([see_prefix.expand(-1, qlen, -1), see_own], dim=2)[:, None]
+        if self._mask_kind == "additive":
+            mask = torch.zeros(mask.shape, device=dev).masked_fill_(~mask, torch.finfo(torch.float32).min)
         autocast = torch.autocast(device_type=dev.type, dtype=self.mixed_precision_dtype,
                                   enabled=self.mixed_precision_dtype is not None)
         with torch.no_grad(), autocast:
-            out = self.model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)
             cache = getattr(out, "cache", None) or out.past_key_values
-            cache.reorder_cache(row_group)  # one copy of its context's cache per continuation
-            logits = self.model(input_ids=inputs, attention_mask=torch.cat([prefix_mask[row_group], row_mask], 1),
-                                position_ids=positions, use_cache=True, **{self._cache_kwarg: cache}).logits
+            logits = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
+                                **{self._cache_kwarg: cache}).logits
         del cache, out
-        valid = row_mask.bool()
-        sums, greedy = [], []
-        # log-softmax in slices of rows: its float32 copy of the logits stays small.
-        step = max(1, 4096 // logits.shape[1])
-        for r in range(0, logits.shape[0], step):
-            logp = F.log_softmax(logits[r:r + step], dim=-1, dtype=self.softmax_dtype)
-            tgt, ok = targets[r:r + step], valid[r:r + step]
-            sums.append(logp.gather(2, tgt.unsqueeze(-1)).squeeze(-1).masked_fill(~ok, 0).sum(1))
-            greedy.append(((logp.argmax(-1) == tgt) | ~ok).all(1))
-        return req_idx, torch.cat(sums), torch.cat(greedy)
+        logits, targets, owner = logits.flatten(0, 1), targets.flatten(), owner.flatten()
+        valid = owner >= 0
+        owner = owner.clamp(min=0)
+        sums = torch.zeros(len(req_idx), dtype=torch.float32, device=dev)
+        misses = torch.zeros(len(req_idx), dtype=torch.int32, device=dev)
+        # log-softmax in slices of positions: its float32 copy of the logits stays small. Sums per
+        # request by index_add: no GPU->CPU sync until the very end of the evaluation.
+        for r in range(0, logits.shape[0], 4096):
+            logp = F.log_softmax(logits[r:r + 4096], dim=-1, dtype=self.softmax_dtype)
+            tgt, ok, own = targets[r:r + 4096], valid[r:r + 4096], owner[r:r + 4096]
+            lp = logp.gather(1, tgt[:, None]).squeeze(1).float().masked_fill(~ok, 0)
+            sums.index_add_(0, own, lp)
+            misses.index_add_(0, own, ((logp.argmax(-1) != tgt) & ok).int())
+        return req_idx, sums, misses == 0

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Runs ON the lent H200 machine (see ../shared/device/README.md), after .device/c*/setup.sh:
-#   bash scripts/device_compare.sh RUN_ID METHODS [overrides...]
+#   LIMIT_S=540 bash scripts/device_compare.sh RUN_ID METHODS [overrides...]
 # Results accumulate in /tmp/hr (kept while the machine stays warm, so a second call with the same
-# RUN_ID resumes), and each call copies the run's report files to $OUT, and the baselines the run
-# wrote (/tmp/hb) as baselines.tgz.
+# RUN_ID resumes). The compare is stopped after LIMIT_S seconds (default 540, under the device's
+# 10-minute call limit), and every call, finished or not, copies the run's report files to $OUT,
+# the baselines the run wrote (/tmp/hb) as baselines.tgz, and the log.
 set -uo pipefail
 source /tmp/hd/env.sh
 export HARNESS_GGUF="$HD_GGUF" HARNESS_CACHE=/tmp/hc HARNESS_MIRROR="$HD_MIRROR"
 run_id="$1"; methods="$2"; shift 2
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -m harness compare --task finance --methods "$methods" --profile full --run-id "$run_id" \
-  --results-dir /tmp/hr --work-dir /tmp/hw --baselines-dir /tmp/hb "$@" 2>&1 | tr '\r' '\n' | grep -v -E "it/s\]|s/it\]|examples/s\]" > /tmp/hr-$run_id.log
+start=$(date +%s)
+timeout "${LIMIT_S:-540}" python3 -m harness compare --task finance --methods "$methods" --profile full \
+  --run-id "$run_id" --results-dir /tmp/hr --work-dir /tmp/hw --baselines-dir /tmp/hb "$@" 2>&1 \
+  | tr '\r' '\n' | grep --line-buffered -v -E "it/s\]|s/it\]|examples/s\]" >> /tmp/hr-$run_id.log
 rc=${PIPESTATUS[0]}
+echo "this call: $(( $(date +%s) - start ))s, exit $rc" | tee -a /tmp/hr-$run_id.log
 grep -E "^\[harness|Error|error|Traceback" /tmp/hr-$run_id.log | tail -40
-tar czf "$OUT/run.tgz" -C /tmp/hr/finance "$run_id"
+[ -d "/tmp/hr/finance/$run_id" ] && tar czf "$OUT/run.tgz" -C /tmp/hr/finance "$run_id"
 [ -d /tmp/hb ] && tar czf "$OUT/baselines.tgz" -C /tmp/hb .
 tail -c 200000 /tmp/hr-$run_id.log > "$OUT/log.txt"
 exit $rc

@@ -35,7 +35,7 @@ def test_registered_with_lm_eval():
 def test_eval_backend_is_checked():
     from harness.config import HarnessError, Profile
 
-    assert Profile().eval_backend == "auto"  # harness on GPU, hf on CPU
+    assert Profile().eval_backend == "auto"  # the harness class, on GPU and CPU
     with pytest.raises(HarnessError, match="eval_backend"):
         Profile(eval_backend="vllm")
 
@@ -154,3 +154,35 @@ def test_suite_results_match_hflm_document_by_document(tiny, mirror):
     agree = evaluate.agreement(ref["raw"], got["raw"])
     assert agree["documents"] == 24 and agree["same_pred"] == 24 and agree["same_greedy"]
     assert agree["max_abs_diff"] < TOL
+
+
+def test_eager_attention_takes_an_additive_mask(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager").eval()
+    stock, fast = _lms(model, AutoTokenizer.from_pretrained(tiny_model), batch_size=4)
+    assert fast._mask_kind == "additive"
+    reqs = _requests(_mc_pairs())
+    _assert_same(stock.loglikelihood(reqs), fast.loglikelihood(reqs))
+
+
+def test_requests_a_custom_mask_cannot_serve_go_to_hflms_path(tiny):
+    """Attention without 4D-mask support (flash, flex) or a sliding window shorter than the request:
+    HFLM's own per-request path, same scores."""
+    model, tokenizer = tiny
+    stock, fast = _lms(model, tokenizer, batch_size=4)
+    reqs = _requests(_mc_pairs())
+    shared = []
+    score = fast._shared_prefix_scores
+    fast._shared_prefix_scores = lambda enc: shared.append(len(enc)) or score(enc)
+    fast.__dict__["_mask_kind"] = None  # as for flash_attention_2
+    _assert_same(stock.loglikelihood(reqs), fast.loglikelihood(reqs))
+    assert shared == []
+    encoded = fast.encode_pairs(_mc_pairs())
+    model.config.sliding_window = 6  # checked only: a Llama given a sliding window would apply it
+    try:
+        packable = [fast._packable(c, k) for c, k in encoded]
+    finally:
+        del model.config.sliding_window
+    assert packable == [len(c) >= 2 and len(c) + len(k) <= 6 for c, k in encoded]
+    assert 0 < sum(packable) < len(reqs)
