@@ -1,5 +1,5 @@
 # make setup                  fresh machine: virtualenv + everything (CPU torch wheel first if no torch)
-# make compare TASK=finance   the main job on the default model (smollm2-135m-instruct)
+# make compare TASK=finance   the main job on the default model (smollm2-135m-instruct); JOBS=1: one job at a time
 # make test                   the test suite (what .ci/run runs)
 # make bench                  every scripts/bench_*.py (plain lm-eval vs the harness, TRL SFTTrainer vs the
 #                             harness; needs the bench extra): results/bench/
@@ -9,6 +9,7 @@ MODEL   ?= smollm2-135m-instruct
 METHODS ?= full,qlora
 PROFILE ?=
 RUN_ID  ?=
+JOBS    ?=
 # Datasets come from the hub unless a mirror is named; ../shared/hf-mirror is used when it exists.
 HARNESS_MIRROR ?= $(wildcard ../shared/hf-mirror)
 export HARNESS_MIRROR
@@ -19,7 +20,7 @@ setup:
 
 compare:
 	$(VENV)/bin/harness compare --task $(TASK) --model $(MODEL) --methods $(METHODS) \
-		$(if $(PROFILE),--profile $(PROFILE)) $(if $(RUN_ID),--run-id $(RUN_ID))
+		$(if $(PROFILE),--profile $(PROFILE)) $(if $(RUN_ID),--run-id $(RUN_ID)) $(if $(JOBS),--jobs $(JOBS))
 
 report:
 	$(VENV)/bin/harness report $(RUN)

@@ -55,6 +55,10 @@ def run_options(fn):
                           "Env: HARNESS_BASELINES."),
         click.option("--refresh-baseline", is_flag=True,
                      help="Evaluate the base again even when the baseline cache holds it (and update the cache)."),
+        click.option("--jobs", default="auto", show_default=True, metavar="N|auto",
+                     help="Arms and reference evaluations run at once, each in its own process. auto: on a GPU, as "
+                          "many as its free memory holds (a small model leaves it mostly idle); 1 on CPU. Times "
+                          "measured with several include their contention: --jobs 1 for isolated stage times."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="auto: the GPU when there is one. cuda fails at once where there is none."),
         click.option("--trust-remote-code", is_flag=True,
@@ -89,7 +93,7 @@ def _resumed(ctx: click.Context, run_dir: Path):
     from harness.io import read_json
     from harness.pipeline import RESUMABLE, Arm, CompareSpec
 
-    given = [p for p, v in ctx.params.items() if p != "resume_dir"
+    given = [p for p, v in ctx.params.items() if p not in ("resume_dir", "jobs")
              and ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
     if given or ctx.params.get("overrides"):
         raise HarnessError(f"--resume {run_dir}: takes the run's recorded settings; drop "
@@ -105,7 +109,8 @@ def _resumed(ctx: click.Context, run_dir: Path):
         raise HarnessError(f"{path}: no resumable settings recorded (written by an older harness); re-run the "
                            "original command with --run-id")
     spec = CompareSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()},
-                       run_id=run_dir.resolve().name, results_dir=run_dir.resolve().parent.parent)
+                       run_id=run_dir.resolve().name, results_dir=run_dir.resolve().parent.parent,
+                       jobs=ctx.params.get("jobs", "auto"))  # how many at once does not change the run
     arms = [Arm(name, a["method"], tuple(a["overrides"])) for name, a in config["arms"].items()]
     return spec, arms
 

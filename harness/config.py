@@ -75,6 +75,11 @@ class Training:
         "step); an interrupted arm resumes from the last one. 0: not by time", default=10.0)
     save_steps: int | None = _help("also save one every N steps (rounded up to a multiple of logging_steps)",
                                    default=None)
+    compile: bool = _help(
+        "torch.compile each repeated decoder block for training (one graph serves all blocks): fewer kernel "
+        "launches per step, after a one-off compilation. Pays off only on long runs: on an H200, SmolLM2 full "
+        "fine-tuning went 153 -> 89 ms/step after 14 s of compiling, QLoRA 434 -> 254 ms/step after 85 s",
+        default=False)
 
     def __post_init__(self):
         if self.epochs <= 0:

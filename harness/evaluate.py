@@ -34,9 +34,15 @@ from harness.config import TASKS_DIR, HarnessError
 from harness.data import mirror_file
 
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
-# On CUDA the harness backend scores at least this many multiple-choice requests per batch (a small
-# model leaves the GPU idle at lm-eval's usual 8-64); it halves the batch on out-of-memory.
-GPU_MC_BATCH = 512
+# On CUDA the harness backend scores up to this many multiple-choice requests per batch (a small
+# model leaves the GPU idle at lm-eval's usual 8-64; it halves the batch on out-of-memory), and lets a
+# batch's shortest prefix be half its longest: more padding, fewer forward passes. Each forward pass
+# costs Python and kernel launches per layer, ~2.4x more with 4-bit layers and LoRA adapters. On an
+# H200, scoring the six-task suite's 67,110 requests took 27.1 s instead of 32.5 s (fp32 SmolLM2) and
+# 31.5 s instead of 51.8 s (NF4 base + LoRA) against 512 requests and 3/4. CPUs pay for padding in
+# arithmetic: they keep lm-eval's batch size and 3/4.
+GPU_MC_BATCH = 2048
+GPU_PREFIX_RATIO = 0.5
 
 
 _EXTRA_INCLUDE: tuple[str, ...] = ()
@@ -237,8 +243,10 @@ def make_lm(model, tokenizer, *, batch_size: int, backend: str = "auto"):
         raise HarnessError(f"eval backend: must be auto, harness or hf, got {backend!r}")
     from harness.fastlm import HarnessLM
 
-    return HarnessLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                     mc_batch_size=max(batch_size, GPU_MC_BATCH) if on_gpu else batch_size)
+    if on_gpu:
+        return HarnessLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                         mc_batch_size=max(batch_size, GPU_MC_BATCH), mc_prefix_ratio=GPU_PREFIX_RATIO)
+    return HarnessLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mc_batch_size=batch_size)
 
 
 def evaluate(model, tokenizer, tasks: list[str], *, mirror: Path | None, limit: int | None,

@@ -44,16 +44,19 @@ log = logging.getLogger(__name__)
 @register_model("harness")
 class HarnessLM(HFLM):
     """HFLM whose multiple-choice path scores up to `mc_batch_size` requests (continuations; default
-    `batch_size`) per pair of forward passes, and at most `mc_memory_bytes` of the batch's two big
+    `batch_size`) per pair of forward passes, whose shortest context is at least `mc_prefix_ratio` of
+    its longest (default 3/4; lower: more padding, fewer passes), and at most `mc_memory_bytes` of the batch's two big
     tensors: the KV cache of its prefixes and packed continuations, and the continuations' logits
     (estimated from the model's config; default 8 GiB on CUDA, 2 GiB on CPU). Without that cap, 512
     long continuations of a 49k-token vocabulary made the allocator reserve 135 GiB of an H200. On a
     CUDA out-of-memory error the cap halves and the batch is retried. `batch_size` stays HFLM's for
     everything else (rolling log-likelihood, generation)."""
 
-    def __init__(self, *args, mc_batch_size: int | None = None, mc_memory_bytes: int | None = None, **kwargs):
+    def __init__(self, *args, mc_batch_size: int | None = None, mc_memory_bytes: int | None = None,
+                 mc_prefix_ratio: float = 0.75, **kwargs):
         super().__init__(*args, **kwargs)
         self.mc_batch_size = int(mc_batch_size) if mc_batch_size else None
+        self.mc_prefix_ratio = float(mc_prefix_ratio)
         default = (8 if self.device.type == "cuda" else 2) * 2**30
         self.mc_memory_bytes = int(mc_memory_bytes) if mc_memory_bytes else default
 
@@ -171,13 +174,14 @@ class HarnessLM(HFLM):
         start = 0
         while start < len(items):
             end, rows, lo, hi, qmax = start, 0, items[start][0], items[start][0], 0
-            # A context joins while the batch's prefixes stay within 3/4 of each other and the batch's
-            # KV cache plus logits (padded to its longest prefix and packed continuation) fit the budget.
+            # A context joins while the batch's shortest prefix stays within mc_prefix_ratio of its
+            # longest and the batch's KV cache plus logits (padded to its longest prefix and packed
+            # continuation) fit the budget.
             while end < len(items):
                 plen, q, _, members = items[end]
                 n, lo2, hi2, q2 = rows + len(members), min(lo, plen), max(hi, plen), max(qmax, q)
                 need = (end - start + 1) * (hi2 * kv_bytes + q2 * (kv_bytes + logit_bytes))
-                fits = n <= cap and 4 * lo2 >= 3 * hi2 and need <= self.mc_memory_bytes
+                fits = n <= cap and lo2 >= self.mc_prefix_ratio * hi2 and need <= self.mc_memory_bytes
                 if end > start and not fits:
                     break
                 rows, lo, hi, qmax, end = n, lo2, hi2, q2, end + 1

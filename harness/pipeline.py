@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import baselines, evaluate, models, provenance, report, resources, train
+from harness import baselines, evaluate, models, parallel, provenance, report, resources, train
 from harness.config import METHODS, PROJECT_ROOT, HarnessError, SuiteConfig, TaskConfig, load_suite, load_task, to_dict
 from harness.data import mirror_dir
 from harness.io import environment, read_json, remove_partial, stop_point, write_json, write_samples
@@ -46,6 +47,8 @@ class CompareSpec:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     include_path: tuple[str, ...] = ()  # extra lm-eval task directories besides tasks/
+    jobs: str = "auto"  # jobs at once (harness/parallel.py): a number, or auto (on a GPU, as many as fit)
+    only: tuple[str, ...] | None = None  # a parallel child: run only these jobs; no config.json, no report
 
 
 RESUMABLE = ("task", "model", "methods", "profile", "mirror", "overrides", "device", "trust_remote_code",
@@ -62,7 +65,8 @@ class Arm:
 
 
 def log(msg: str) -> None:
-    print(f"[harness {datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    job = os.environ.get("HARNESS_JOB")  # set in each job of a parallel run (harness/parallel.py)
+    print(f"[harness {datetime.now().strftime('%H:%M:%S')}{' ' + job if job else ''}] {msg}", file=sys.stderr, flush=True)
 
 
 def _hash(obj) -> str:
@@ -78,6 +82,7 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     """Everything that can be checked before a weight is loaded (torchtune: fail before the GPU)."""
     models.configure(device=spec.device, trust_remote_code=spec.trust_remote_code, allow_pickle=spec.allow_pickle)
     evaluate.set_include_paths(spec.include_path)
+    parallel.parse_jobs(spec.jobs)
     task: TaskConfig = load_task(spec.task, list(spec.overrides))
     suite: SuiteConfig = load_suite(task.suite)
     arm_tasks = {}
@@ -104,13 +109,14 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     run_dir = Path(spec.results_dir) / task.name / run_id
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"  # jobs of one run probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise HarnessError(f"results directory {run_dir}: not writable ({e.strerror})") from None
     for arm_task in {_hash(to_dict(t.train)): t for t in arm_tasks.values()}.values():
-        _check_training_data(arm_task, mirror)
+        if spec.only is None:  # a parallel job's parent checked it
+            _check_training_data(arm_task, mirror)
     if mirror is not None:  # every benchmark's data must be in the mirror too
         for name in [t.task for t in suite.tasks] + [t.task for t in task.in_domain] + ppl:
             evaluate.task_config(name, mirror=mirror)
@@ -203,16 +209,20 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     arms = arms if arms is not None else [Arm(m, m) for m in spec.methods]
     p = plan(spec, arms)
     task, suite, profile, mirror, run_dir = p["task"], p["suite"], p["profile"], p["mirror"], p["run_dir"]
-    log(f"run {p['run_id']}: task {task.name}, suite {suite.name}, arms {','.join(a.name for a in arms)}, "
-        f"profile {p['profile_name']} (limit {profile.limit}, train examples {profile.train_examples})")
-
-    remove_partial(run_dir)
+    child = spec.only is not None  # one job of a parallel run: the parent writes config.json and the report
+    if not child:  # (a child's siblings may be writing their temporary files)
+        log(f"run {p['run_id']}: task {task.name}, suite {suite.name}, arms {','.join(a.name for a in arms)}, "
+            f"profile {p['profile_name']} (limit {profile.limit}, train examples {profile.train_examples})")
+        remove_partial(run_dir)
     t0 = time.perf_counter()
     resolved = models.resolve_model(spec.model)
     # Still before any weight loads: remote code, pickle weights, truncated files, disk for checkpoints.
-    _check_disk(models.check_model_dir(Path(resolved.path)), arms, p["work_dir"])
-    _check_saved(arms, p["work_dir"])
-    log(f"model {resolved.name}: {resolved.detail}")
+    mine = [a for a in arms if not child or a.name in spec.only]
+    n_params = models.check_model_dir(Path(resolved.path))
+    _check_disk(n_params, mine, p["work_dir"])
+    _check_saved(mine, p["work_dir"])
+    if not child:
+        log(f"model {resolved.name}: {resolved.detail}")
 
     suite_tasks = [t.task for t in suite.tasks]
     domain_tasks = [t.task for t in task.in_domain]
@@ -230,7 +240,8 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     _keep_train_data(run_dir / "config.json", config)
-    write_json(run_dir / "config.json", config)
+    if not child:
+        write_json(run_dir / "config.json", config)
     eval_kw = dict(mirror=mirror, limit=profile.limit, batch_size=profile.eval_batch_size,
                    num_fewshot=suite.num_fewshot, seed=task.training.seed, backend=profile.eval_backend)
     ppl_kw = None
@@ -331,19 +342,68 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
             ppl = {**e["results"], "n": e["n"], "seconds": 0.0, "task": suite.perplexity.task}
         return ev, _drop_samples(ppl), reused
 
-    # Base: the untouched model.
-    evaluate_reference("base", _hash(common), None)
-    # The 4-bit base without adapter: QLoRA's own starting point, to separate quantization from training.
+    def reference_cached(quant: dict | None) -> bool:
+        """Every task of this reference is in the baseline cache: nothing to load or evaluate."""
+        return not spec.refresh_baseline and all(
+            baselines.lookup(spec.baselines_dir, k) is not None for k in _baseline_keys(quant).values())
+
+    def arm_inputs(arm: Arm) -> str:
+        return _hash({**common, "method": arm.method, "task": _arm_settings(arm, p["arm_tasks"][arm.name]),
+                      "profile": _profile_key(profile)})
+
+    def record_train_data(arm: Arm) -> tuple[list, dict]:
+        """The arm's tokenized training examples (once per distinct data setting) and their record in config.json."""
+        arm_task = p["arm_tasks"][arm.name]
+        data_key = _hash([to_dict(arm_task.train), arm_task.training.seed, arm_task.training.max_length,
+                          profile.train_examples])
+        if data_key not in examples_cache:
+            tokenizer = models.load_tokenizer(resolved.path)
+            examples_cache[data_key] = train.training_examples(arm_task, profile, tokenizer, mirror=mirror)
+            record = examples_cache[data_key][1]
+            if not child:
+                config["train_data"] = record
+                write_json(run_dir / "config.json", config)
+            log(f"training data: {record['examples']} examples, {record['tokens']} tokens")
+        return examples_cache[data_key]
+
+    # References: the untouched base; and the 4-bit base without adapter, QLoRA's own starting point,
+    # to separate quantization from training.
+    references = [("base", _hash(common), None)]
     if profile.quant_reference and any(a.method == "qlora" for a in arms):
-        evaluate_reference(report.NF4_REFERENCE, _hash({**common, "quant": task.quant}), task.quant)
+        references.append((report.NF4_REFERENCE, _hash({**common, "quant": task.quant}), task.quant))
+    examples_cache: dict[str, tuple[list, dict]] = {}
+    todo = set(spec.only) if child else {name for name, _, _ in references} | {a.name for a in arms}
+
+    if not child:  # jobs at once (harness/parallel.py): what is left to compute, longest first
+        pending = [a for a in sorted(arms, key=lambda a: ("qlora", "lora", "full").index(a.method))
+                   if not _done(run_dir, a.name, arm_inputs(a))]
+        pending_refs = [(name, quant) for name, inputs, quant in references
+                        if not _done(run_dir, name, inputs) and not reference_cached(quant)]
+        needs = ([parallel.job_memory(a.method, n_params) for a in pending]
+                 + [parallel.job_memory("eval", n_params) for _ in pending_refs])
+        n = parallel.concurrency(spec.jobs, needs=needs, device=models.device_kind())
+        if n > 1 and len(needs) > 1:
+            names = [a.name for a in pending] + [name for name, _ in pending_refs]
+            config["jobs"] = min(n, len(names))
+            write_json(run_dir / "config.json", config)
+            log(f"{len(names)} jobs, {config['jobs']} at once: {', '.join(names)}")
+            jobs = parallel.Jobs(spec, arms, names, n, p["work_dir"] / "jobs", log).start()
+            if pending and _trained(p["work_dir"] / pending[0].name, arm_inputs(pending[0])) is None:
+                record_train_data(pending[0])  # for config.json, while the jobs run
+            jobs.wait()
+            todo -= set(names)
+
+    for name, inputs, quant in references:
+        if name in todo:
+            evaluate_reference(name, inputs, quant)
 
     # Arms: same examples for all (unless an arm's overrides change the data); each trained, saved to
     # the work dir, then evaluated.
-    examples_cache: dict[str, tuple[list, dict]] = {}
     for arm in arms:
+        if arm.name not in todo:
+            continue
         arm_task = p["arm_tasks"][arm.name]
-        inputs = _hash({**common, "method": arm.method, "task": _arm_settings(arm, arm_task),
-                        "profile": _profile_key(profile)})
+        inputs = arm_inputs(arm)
         if _done(run_dir, arm.name, inputs):
             log(f"{arm.name}: training and evaluation recorded for these inputs, reused")
             continue
@@ -355,17 +415,8 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
                 log(f"{arm.name}: training recorded for these inputs, evaluating the saved {trained['saved']['path']}")
                 model = models.load_arm(arm.method, resolved.path, Path(trained["saved"]["path"]), quant=task.quant)
             else:
-                data_key = _hash([to_dict(arm_task.train), arm_task.training.seed, arm_task.training.max_length,
-                                  profile.train_examples])
-                if data_key not in examples_cache:
-                    tokenizer = models.load_tokenizer(resolved.path)
-                    examples_cache[data_key] = train.training_examples(arm_task, profile, tokenizer, mirror=mirror)
-                    record = examples_cache[data_key][1]
-                    config["train_data"] = record
-                    write_json(run_dir / "config.json", config)
-                    log(f"training data: {record['examples']} examples, {record['tokens']} tokens")
-                model, trained = _train_arm(arm, arm_task, profile, resolved.path, examples_cache[data_key][0],
-                                            arm_dir, inputs)
+                examples, _ = record_train_data(arm)
+                model, trained = _train_arm(arm, arm_task, profile, resolved.path, examples, arm_dir, inputs)
             stage = "evaluating"
             evaluate_arm(arm.name, model, inputs, trained)
         except MEMORY_ERRORS as e:
@@ -378,6 +429,8 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         gc.collect()
         _free_gpu()
 
+    if child:
+        return run_dir
     config["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     config["wall_seconds"] = time.perf_counter() - t0
     write_json(run_dir / "config.json", config)

@@ -327,6 +327,9 @@ def _document(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
             f"format from lm-eval task `{config['task']['train']['format_task']}`.",
             f"**Device** {env.get('gpu') or 'CPU'} ({config['device']}); seed {config['task']['training']['seed']}. "
             "Full provenance at the end.",
+            *([f"**Jobs** {config['jobs']} at once on one device (`--jobs`): stage times include their contention "
+               "(`--jobs 1` measures each alone); memory figures are each job's own process (torch's allocator)."]
+              if (config.get("jobs") or 1) > 1 else []),
         ]),
         ("p", "Scores in percent. Δ is arm − base on the same documents, with a 95% paired bootstrap CI; "
               "where the CI spans 0 the change is *not significant*."),

@@ -69,7 +69,8 @@ class _Nvml:
         import torch
 
         self.source, self._read = None, None
-        if not torch.cuda.is_available():
+        # Jobs sharing the device (harness/parallel.py): its whole-device figure would count the others.
+        if not torch.cuda.is_available() or os.environ.get("HARNESS_SHARED_DEVICE"):
             return
         idx = torch.cuda.current_device()
         uuid = str(getattr(torch.cuda.get_device_properties(idx), "uuid", "") or "")

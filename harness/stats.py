@@ -40,6 +40,8 @@ PERPLEXITY_KEYS: tuple[str, ...] = ("word_perplexity", "byte_perplexity", "bits_
 # Budget for one bootstrap chunk (index matrix + gathered values, 8 bytes each)
 # so n=20000 x n_boot=10000 never materialises the full 1.6 GB matrix.
 _CHUNK_BYTES = 64 * 2**20
+# Up to this many distinct per-document differences, resample counts instead of indices.
+_FEW_VALUES = 64
 
 
 def _as_pair(base: np.ndarray, arm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -66,9 +68,17 @@ def _boot_means(d: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndar
     """Means of ``n_boot`` with-replacement resamples of ``d``.
 
     Resampling the per-document differences is the paired bootstrap: each
-    drawn index keeps its (base, arm) pair together.
+    drawn index keeps its (base, arm) pair together. A resample's mean depends
+    only on how many copies of each distinct value it drew, and those counts
+    are multinomial: for few distinct values (a 0/1 metric's differences are
+    -1, 0, 1) drawing the counts gives the same distribution in O(n_boot * k)
+    instead of O(n_boot * n) (10,000 resamples of hellaswag's 10,042 documents:
+    milliseconds instead of a second).
     """
     n = d.size
+    values, counts = np.unique(d, return_counts=True)
+    if values.size <= _FEW_VALUES:
+        return rng.multinomial(n, counts / n, size=n_boot) @ values / n
     chunk = max(1, min(n_boot, _CHUNK_BYTES // (16 * n)))
     out = np.empty(n_boot)
     for start in range(0, n_boot, chunk):

@@ -124,8 +124,9 @@ def _render(runs, raw, tasks, args, device_name, dev) -> str:
              f"--batch-size {args.batch_size}{f' --limit {args.limit}' if args.limit else ''}` on {device_name}, "
              f"{agree['documents']} documents.", "",
              f"Reference: `lm_eval.simple_evaluate(model=\"hf\", batch_size={args.batch_size})` (lm-eval's HFLM). "
-             f"Harness: `harness.evaluate.evaluate` (model class `harness`, {mc} multiple-choice requests per "
-             f"batch). Wall time includes loading the model; both log samples.", "",
+             f"Harness: `harness.evaluate.evaluate` (model class `harness`, up to {mc} multiple-choice requests per "
+             f"batch{', prefixes within ' + str(evaluate.GPU_PREFIX_RATIO) + 'x of the longest' if dev == 'cuda' else ''}). "
+             "Wall time includes loading the model; both log samples.", "",
              "| run | lm-eval hf (s) | harness (s) | peak allocated / reserved, hf | peak allocated / reserved, "
              "harness |", "|---|---|---|---|---|"]
     for i, (a, b) in enumerate(zip(ref, fast, strict=True)):

@@ -4,7 +4,7 @@
 # Results accumulate in /tmp/hr (kept while the machine stays warm, so a second call with the same
 # RUN_ID resumes). The compare is stopped after LIMIT_S seconds (default 540, under the device's
 # 10-minute call limit), and every call, finished or not, copies the run's report files to $OUT,
-# the baselines the run wrote (/tmp/hb) as baselines.tgz, and the log.
+# the baselines the run wrote (/tmp/hb) as baselines.tgz, the parallel jobs' logs, and the log.
 set -uo pipefail
 source /tmp/hd/env.sh
 export HARNESS_GGUF="$HD_GGUF" HARNESS_CACHE=/tmp/hc HARNESS_MIRROR="$HD_MIRROR"
@@ -19,5 +19,6 @@ echo "this call: $(( $(date +%s) - start ))s, exit $rc" | tee -a /tmp/hr-$run_id
 grep -E "^\[harness|Error|error|Traceback" /tmp/hr-$run_id.log | tail -40
 [ -d "/tmp/hr/finance/$run_id" ] && tar czf "$OUT/run.tgz" -C /tmp/hr/finance "$run_id"
 [ -d /tmp/hb ] && tar czf "$OUT/baselines.tgz" -C /tmp/hb .
+[ -d "/tmp/hw/finance/$run_id/jobs" ] && tar czf "$OUT/jobs.tgz" -C "/tmp/hw/finance/$run_id" jobs
 tail -c 200000 /tmp/hr-$run_id.log > "$OUT/log.txt"
 exit $rc

@@ -71,12 +71,18 @@ def test_loglikelihood_matches_hflm_request_by_request(tiny):
     _assert_same(stock.loglikelihood(reqs), fast.loglikelihood(reqs))
 
 
-def test_memory_cap_splits_batches_without_changing_scores(tiny):
-    model, tokenizer = tiny
-    stock, fast = _lms(model, tokenizer, batch_size=16)
+def _batch_sizes(fast) -> list[int]:
+    """Contexts per scoring batch of `fast`, appended as it scores."""
     batches = []
     score = fast._score_batch
     fast._score_batch = lambda batch, encoded: batches.append(len(batch)) or score(batch, encoded)
+    return batches
+
+
+def test_memory_cap_splits_batches_without_changing_scores(tiny):
+    model, tokenizer = tiny
+    stock, fast = _lms(model, tokenizer, batch_size=16)
+    batches = _batch_sizes(fast)
     kv, logit = fast._bytes_per_token
     cfg = model.config
     assert kv == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
@@ -90,6 +96,21 @@ def test_memory_cap_splits_batches_without_changing_scores(tiny):
     assert n_roomy < len(batches) and set(batches) == {1}
     _assert_same(stock.loglikelihood(reqs), tight)
     _assert_same(roomy, tight)
+
+
+def test_prefix_ratio_trades_padding_for_fewer_batches_same_scores(tiny):
+    """mc_prefix_ratio (0.5 on GPUs): contexts of more unequal lengths share a batch; scores unchanged."""
+    model, tokenizer = tiny
+    stock, fast = _lms(model, tokenizer, batch_size=64)
+    batches = _batch_sizes(fast)
+    reqs = _requests(_mc_pairs())
+    counts = {}
+    for ratio in (0.75, 0.5, 0.0):
+        fast.mc_prefix_ratio = ratio
+        batches.clear()
+        _assert_same(stock.loglikelihood(reqs), fast.loglikelihood(reqs))
+        counts[ratio] = len(batches)
+    assert counts[0.75] >= counts[0.5] >= counts[0.0] == 1 < counts[0.75]
 
 
 def test_tokenization_is_hflms(tiny):

@@ -143,3 +143,34 @@ def test_resources_recorded_per_arm(run):
     nf4 = json.loads((out / "results/finance/t1/arms/qlora.json").read_text())["eval_resources"]
     lora = json.loads((out / "results/finance/t1/arms/lora.json").read_text())["eval_resources"]
     assert nf4["model_footprint_bytes"] < lora["model_footprint_bytes"]  # 4-bit base vs the 16-bit one
+
+
+def test_jobs_at_once_give_the_sequential_results(run, tmp_path, tiny_model, tiny_task, mirror):
+    """--jobs 2: references and arms in their own processes, two at a time; every per-document record
+    and training loss equals the sequential run's (same seed, same CPU), and the report says how they ran."""
+    out, _ = run
+    args = ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", "full,qlora",
+            "--profile", "quick", "--mirror", str(mirror), "--run-id", "t1", "--jobs", "2",
+            "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"),
+            "--baselines-dir", str(tmp_path / "baselines")]  # an empty cache: the references are jobs too
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    par, seq = tmp_path / "results/finance/t1", out / "results/finance/t1"
+    config = json.loads((par / "config.json").read_text())
+    assert config["jobs"] == 2 and config["train_data"]["examples"] == 32
+    for arm in ("base", "base-nf4", "full", "qlora"):
+        assert (par / f"samples/{arm}.csv").read_text() == (seq / f"samples/{arm}.csv").read_text(), arm
+        assert (tmp_path / f"work/finance/t1/jobs/{arm}.log").exists()
+    for arm in ("full", "qlora"):
+        a, b = (json.loads((d / f"arms/{arm}.json").read_text())["train"] for d in (par, seq))
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6) and a["steps"] == b["steps"]
+    assert "**Jobs** 2 at once" in (par / "report.md").read_text()
+    assert "**Jobs**" not in (seq / "report.md").read_text()
+
+
+def test_jobs_must_be_a_number_or_auto(tmp_path, tiny_model, tiny_task, mirror):
+    args = ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--profile", "quick",
+            "--mirror", str(mirror), "--jobs", "0", "--results-dir", str(tmp_path / "r")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1] == "Error: --jobs: expected a positive number or auto, got '0'"

@@ -195,3 +195,18 @@ def test_perplexity_drift():
     assert set(r) == {"word_perplexity", "byte_perplexity"}
     assert r["word_perplexity"] == {"base": 10.0, "arm": 12.0, "delta": 2.0, "rel_pct": pytest.approx(20.0)}
     assert r["byte_perplexity"]["delta"] == 0.0 and r["byte_perplexity"]["rel_pct"] == 0.0
+
+
+def test_count_bootstrap_has_the_index_bootstraps_distribution(monkeypatch):
+    """Few distinct differences: resampled counts (multinomial) instead of resampled indices give the
+    same distribution of bootstrap means (checked on moments and the CI's quantiles)."""
+    import harness.stats as st
+
+    d = np.random.default_rng(1).choice([-1.0, 0.0, 1.0], size=700, p=[0.2, 0.65, 0.15])
+    fast = st._boot_means(d, 40_000, np.random.default_rng(2))
+    monkeypatch.setattr(st, "_FEW_VALUES", 0)  # force the index resampling
+    slow = st._boot_means(d, 40_000, np.random.default_rng(3))
+    assert fast.mean() == pytest.approx(d.mean(), abs=1e-3) and slow.mean() == pytest.approx(d.mean(), abs=1e-3)
+    assert fast.std() == pytest.approx(slow.std(), rel=0.03)
+    assert fast.std() == pytest.approx(d.std() / np.sqrt(d.size), rel=0.03)
+    np.testing.assert_allclose(np.quantile(fast, [0.025, 0.975]), np.quantile(slow, [0.025, 0.975]), atol=2e-3)
