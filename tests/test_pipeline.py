@@ -174,3 +174,23 @@ def test_jobs_must_be_a_number_or_auto(tmp_path, tiny_model, tiny_task, mirror):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code != 0
     assert result.output.strip().splitlines()[-1] == "Error: --jobs: expected a positive number or auto, got '0'"
+
+
+def test_auto_jobs_fit_the_gpus_free_memory(monkeypatch):
+    """--jobs auto: one on CPU; on a GPU as many as fit in 85% of its free memory (largest first),
+    at most one per two cores; a number is taken as given."""
+    import torch
+
+    from harness import parallel
+
+    gib = 2**30
+    assert parallel.concurrency("auto", needs=[gib] * 4, device="cpu") == 1
+    assert parallel.concurrency("3", needs=[gib] * 4, device="cpu") == 3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (100 * gib, 141 * gib))
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 16)
+    small = parallel.job_memory("qlora", 135_000_000)  # SmolLM2: ~9.5 GiB, the evaluation's budget
+    assert 9 * gib < small < 10 * gib
+    assert parallel.concurrency("auto", needs=[small] * 4, device="cuda") == 4
+    big = parallel.job_memory("full", 7_000_000_000)  # 7B full fine-tuning: 16 bytes per parameter
+    assert parallel.concurrency("auto", needs=[big, small, small], device="cuda") == 1
+    assert parallel.concurrency("auto", needs=[small] * 12, device="cuda") == 8  # 16 cores
