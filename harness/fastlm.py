@@ -45,12 +45,12 @@ log = logging.getLogger(__name__)
 class HarnessLM(HFLM):
     """HFLM whose multiple-choice path scores up to `mc_batch_size` requests (continuations; default
     `batch_size`) per pair of forward passes, whose shortest context is at least `mc_prefix_ratio` of
-    its longest (default 3/4; lower: more padding, fewer passes), and at most `mc_memory_bytes` of the batch's two big
-    tensors: the KV cache of its prefixes and packed continuations, and the continuations' logits
-    (estimated from the model's config; default 8 GiB on CUDA, 2 GiB on CPU). Without that cap, 512
-    long continuations of a 49k-token vocabulary made the allocator reserve 135 GiB of an H200. On a
-    CUDA out-of-memory error the cap halves and the batch is retried. `batch_size` stays HFLM's for
-    everything else (rolling log-likelihood, generation)."""
+    its longest (default 3/4; lower: more padding, fewer passes), and at most `mc_memory_bytes` of the
+    batch's two big tensors: the KV cache of its prefixes and packed continuations, and the
+    continuations' logits (estimated from the model's config; default 8 GiB on CUDA, 2 GiB on CPU).
+    Without that cap, 512 long continuations of a 49k-token vocabulary made the allocator reserve
+    135 GiB of an H200. On a CUDA out-of-memory error the cap halves and the batch is retried.
+    `batch_size` stays HFLM's for everything else (rolling log-likelihood, generation)."""
 
     def __init__(self, *args, mc_batch_size: int | None = None, mc_memory_bytes: int | None = None,
                  mc_prefix_ratio: float = 0.75, **kwargs):
