@@ -227,7 +227,7 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     suite_tasks = [t.task for t in suite.tasks]
     domain_tasks = [t.task for t in task.in_domain]
     eval_tasks = suite_tasks + [t for t in domain_tasks if t not in suite_tasks]
-    config = {
+    config = None if child else {  # a parallel job's parent records the run (hashing its data once)
         "run_id": p["run_id"], "task": to_dict(task), "suite": to_dict(suite), "methods": [a.name for a in arms],
         "arms": {a.name: {"method": a.method, "overrides": list(a.overrides)} for a in arms},
         "profile": {"name": p["profile_name"], **to_dict(profile)},
@@ -239,8 +239,8 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         "device": models.device_kind(), "environment": environment(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _keep_train_data(run_dir / "config.json", config)
     if not child:
+        _keep_train_data(run_dir / "config.json", config)
         write_json(run_dir / "config.json", config)
     eval_kw = dict(mirror=mirror, limit=profile.limit, batch_size=profile.eval_batch_size,
                    num_fewshot=suite.num_fewshot, seed=task.training.seed, backend=profile.eval_backend)
