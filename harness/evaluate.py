@@ -64,24 +64,97 @@ def set_include_paths(paths: tuple[str, ...] | list[str]) -> None:
         _TASKS.clear()
 
 
+_NEEDED: frozenset[str] = frozenset()
+
+
+def need_tasks(names) -> None:
+    """The tasks this process will use: task_manager() then indexes only their directories of lm-eval's
+    registry (besides tasks/ and --include-path, indexed whole). lm-eval's TaskManager otherwise parses
+    all ~14,000 registry YAMLs at construction: 14 s on the 2-core machine, in the parent of a
+    compare and again in each parallel job, before any work."""
+    global _NEEDED
+    if not frozenset(names) <= _NEEDED:
+        _NEEDED = _NEEDED | frozenset(names)
+        task_manager.cache_clear()
+
+
 @lru_cache(maxsize=None)
 def task_manager():
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(TASKS_DIR), *_EXTRA_INCLUDE], verbosity="ERROR")
+    own = [str(TASKS_DIR), *_EXTRA_INCLUDE]
+    dirs = _registry_dirs(_NEEDED)
+    if dirs is None:
+        return TaskManager(include_path=own)
+    # Registry first, then ours: the same precedence (a later path overrides) as the whole index.
+    return TaskManager(include_path=[*dirs, *own], include_defaults=False)
+
+
+def _registry_dirs(names: frozenset[str]) -> list[str] | None:
+    """The registry directories holding these tasks, or None for the whole registry: when no task
+    is named, or one is a group, a tag or a Python-class task (those reach into other directories).
+    Names the registry lacks are tasks/ or --include-path tasks (or unknown: check_tasks says)."""
+    if not names:
+        return None
+    registry = _registry_map()
+    dirs = set()
+    for name in names:
+        kind, directory = registry.get(name, (None, None))
+        if kind is None:
+            continue
+        if kind != "TASK":
+            return None
+        dirs.add(directory)
+    return sorted(dirs)
+
+
+@lru_cache(maxsize=1)
+def _registry_map() -> dict[str, list[str]]:
+    """lm-eval's own registry as {name: [kind, directory of its YAML]}, built once per installation
+    (the whole index, once) and kept as JSON in the harness cache."""
+    import json
+
+    import lm_eval
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    from harness.io import write_json
+    from harness.models import cache_dir
+
+    root = Path(lm_eval.tasks.__file__).parent
+    stamp = {"lm_eval": lm_eval.__version__, "root": str(root), "mtime_ns": root.stat().st_mtime_ns}
+    path = cache_dir() / "lm-eval-registry.json"
+    try:
+        data = json.loads(path.read_text())
+        if data["stamp"] == stamp:
+            return data["tasks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    index = TaskManager(include_defaults=True).task_index
+    tasks = {name: [e.kind.name, e.yaml_path and str(Path(e.yaml_path).parent)] for name, e in index.items()}
+    try:
+        write_json(path, {"stamp": stamp, "tasks": tasks})
+    except OSError:  # a read-only cache: index again next time
+        pass
+    return tasks
 
 
 def check_tasks(names: list[str]) -> None:
     """Fail before any weights load when a task name does not resolve."""
+    need_tasks(names)
     index = task_manager().task_index
     for name in names:
         if name not in index:
-            near = difflib.get_close_matches(name, list(index), n=3)
+            from lm_eval.tasks import TaskManager
+
+            every = TaskManager(include_path=[str(TASKS_DIR), *_EXTRA_INCLUDE]).task_index  # for suggestions
+            near = difflib.get_close_matches(name, list(every), n=3)
             raise HarnessError(f"unknown lm-eval task '{name}'" + (f"; did you mean: {', '.join(near)}?" if near else ""))
 
 
 def task_config(name: str, *, mirror: Path | None) -> str | dict:
     """The task as lm-eval should load it: its name, or (with a mirror) its rewritten config."""
+    need_tasks([name])
     if mirror is None:
         return name
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -112,6 +185,7 @@ def task_source(name: str, *, mirror: Path | None) -> dict:
     """The dataset, config and split lm-eval scores for a task (its test split, else validation)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    need_tasks([name])
     cfg = load_yaml(task_manager().task_index[name].yaml_path, resolve_func=True)
     dataset, config = cfg.get("dataset_path"), cfg.get("dataset_name")
     for key in ("test_split", "validation_split"):

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs ON the lent H200 machine (see ../shared/device/README.md), after .device/c*/setup.sh:
 #   LIMIT_S=540 bash scripts/device_compare.sh RUN_ID METHODS [overrides...]
+#   SEED_BASELINES=1 ...   starts from the project's committed baselines/, as `make compare` would
+#                          (default: an empty baseline cache, so the base is evaluated too)
 # Results accumulate in /tmp/hr (kept while the machine stays warm, so a second call with the same
 # RUN_ID resumes). The compare is stopped after LIMIT_S seconds (default 540, under the device's
 # 10-minute call limit), and every call, finished or not, copies the run's report files to $OUT,
@@ -10,6 +12,8 @@ source /tmp/hd/env.sh
 export HARNESS_GGUF="$HD_GGUF" HARNESS_CACHE=/tmp/hc HARNESS_MIRROR="$HD_MIRROR"
 run_id="$1"; methods="$2"; shift 2
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+mkdir -p /tmp/hb
+[ "${SEED_BASELINES:-0}" = 1 ] && cp -rn baselines/. /tmp/hb/ && rm -f /tmp/hb/README.md
 start=$(date +%s)
 timeout "${LIMIT_S:-540}" python3 -m harness compare --task finance --methods "$methods" --profile full \
   --run-id "$run_id" --results-dir /tmp/hr --work-dir /tmp/hw --baselines-dir /tmp/hb "$@" 2>&1 \

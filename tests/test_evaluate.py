@@ -26,6 +26,29 @@ def test_unknown_task_suggests_near_names():
     assert "did you mean" in str(e.value) and "hellaswag" in str(e.value)
 
 
+def test_index_of_only_the_needed_tasks_loads_them_as_the_whole_registry(monkeypatch, mirror):
+    """need_tasks: lm-eval indexes only the named tasks' registry directories (plus tasks/), from a
+    map of its registry built once; the tasks load exactly as from the whole registry's index."""
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setattr(evaluate, "_NEEDED", frozenset())
+    evaluate.task_manager.cache_clear()
+    evaluate.need_tasks(["arc_easy", "boolq", "finance_tweets"])
+    small = evaluate.task_manager().task_index
+    assert {"arc_easy", "arc_challenge", "boolq", "finance_tweets", "finance_phrasebank"} <= set(small)
+    assert len(small) < 50 and "hellaswag" not in small
+    whole = TaskManager(include_path=[str(evaluate.TASKS_DIR)]).task_index
+    for name in ("arc_easy", "boolq", "finance_tweets"):
+        assert small[name].yaml_path == whole[name].yaml_path and small[name].cfg == whole[name].cfg
+    # A task asked for later widens the index; a group (or tag) takes the whole registry.
+    evaluate.task_config("hellaswag", mirror=None)
+    assert "hellaswag" in evaluate.task_manager().task_index
+    evaluate.need_tasks(["ai2_arc"])  # a tag over arc_easy and arc_challenge
+    assert len(evaluate.task_manager().task_index) == len(whole)
+    monkeypatch.setattr(evaluate, "_NEEDED", frozenset())
+    evaluate.task_manager.cache_clear()
+
+
 def test_formatter_is_lm_evals_own_prompt(mirror):
     fmt, _ = evaluate.formatter("finance_tweets", mirror=mirror)
     assert fmt({"text": "Shares rise", "label": 1}) == ("Financial news: Shares rise\nSentiment:", " bullish")
