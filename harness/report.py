@@ -406,7 +406,15 @@ def _training(metrics: dict) -> list[tuple]:
     if not rows:
         return []
     header = ["arm", "method", "steps", "epochs", "batch", "lr", "final loss", "compute"]
-    return [("h", 2, "Training"), ("table", header, rows)]
+    blocks = [("h", 2, "Training"), ("table", header, rows)]
+    graphed = {arm: a["train"]["padded_length"] for arm, a in metrics["arms"].items()
+               if a["train"] and a["train"].get("cuda_graphs")}
+    if graphed:  # a cost of the speed, not of the method: say so beside the memory figures
+        blocks.append(("p", f"Training steps of {', '.join(graphed)} ran as CUDA graphs (captured once, then "
+                            f"replayed; packed rows padded to {', '.join(sorted({str(n) for n in graphed.values()}))} "
+                            "tokens): their training memory includes the graphs' pools and that padding. "
+                            "`training.cuda_graphs=false` measures without."))
+    return blocks
 
 
 def _stage_row(arm: str, stage: str, r: dict, throughput: str) -> list:

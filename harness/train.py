@@ -133,8 +133,11 @@ class StepGraph:
     the Trainer in place of the model for the loss. Captured at the first micro-step, from its
     (fixed-length) batch, then replayed: one launch for the forward and one for the backward, instead
     of ~100 kernels and their Python per decoder layer (LoRA on NF4 layers: ~430 ms of a ~450 ms step
-    on the H200 host). The parameters are the graph's own inputs, so optimizer updates are seen; the
-    gradients land in persistent .grad tensors (lean_steps(keep_grads=True)), added in place."""
+    on the H200 host). The parameters are the graph's own inputs, so optimizer updates are seen.
+    Gradients: with one micro-step per optimizer step, a parameter's .grad is the graph's own output
+    buffer (autograd takes it when .grad is None; zero_grad sets None before the next replay), so no
+    second copy of the gradients exists; when micro-steps accumulate, they are added in place into
+    persistent .grad tensors (lean_steps(keep_grads=True))."""
 
     def __init__(self, model):
         import torch
@@ -203,7 +206,8 @@ def lean_steps(model, keep_grads: bool = False):
     else switches modes during training), and zero_grad clears only the trainable parameters' gradients
     (frozen ones never get any): the same effect. The instance overrides are removed on exit.
 
-    keep_grads (for StepGraph): the trainable parameters get zero .grad tensors up front, and zero_grad
+    keep_grads (for StepGraph when micro-steps accumulate): the trainable parameters get zero .grad
+    tensors up front, and zero_grad
     zeroes them in place. Autograd then adds each replay's gradients into them; a parameter without
     one would take the graph's own output buffer as its .grad, which the next replay overwrites."""
     import torch
@@ -341,7 +345,7 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     config = model.config
     use_cache, config.use_cache = config.use_cache, False
     try:  # measured: this stage's own peaks and time, compilation included
-        with (resources.measure() as measured, lean_steps(model, keep_grads=graphs),
+        with (resources.measure() as measured, lean_steps(model, keep_grads=graphs and batch > micro),
               compiled_blocks(model, t.compile) as n_compiled):
             out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:

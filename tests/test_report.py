@@ -95,3 +95,18 @@ def test_report_without_provenance_or_resources(run, tmp_path):
     md = (run_dir / "report.md").read_text()
     assert "not recorded (the run predates content hashing)" in md
     assert "| train | zeroshot/twitter-financial-news-sentiment | default | train | 48 | not recorded |" in md
+
+
+def test_training_on_cuda_graphs_is_said_beside_the_memory():
+    from harness import report
+
+    train = {"method": "qlora", "steps": 597, "epochs": 1.0, "batch_size": 16, "learning_rate": 2e-4,
+             "train_loss": 0.56, "compute_dtype": "bfloat16", "cuda_graphs": True, "padded_length": 1472}
+    metrics = {"arms": {"base": {"train": None}, "qlora": {"train": train},
+                        "full": {"train": {**train, "method": "full", "cuda_graphs": False, "padded_length": None}}}}
+    blocks = report._training(metrics)
+    assert blocks[0] == ("h", 2, "Training") and len(blocks[1][2]) == 2
+    note = blocks[2][1]
+    assert "qlora" in note and "full" not in note and "1472 tokens" in note and "cuda_graphs=false" in note
+    train["cuda_graphs"] = False
+    assert len(report._training(metrics)) == 2  # no graphs, no note

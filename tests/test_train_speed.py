@@ -264,21 +264,26 @@ def _same_training(a, b, rtol, atol=None):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, the next test replays real graphs")
-@pytest.mark.parametrize("method", ["full", "qlora"])
-def test_step_graph_path_trains_as_the_plain_step(monkeypatch, tmp_path, tiny_model, tiny_task, mirror, method):
-    """The StepGraph path (fixed-length rows, the loss through the captured module, persistent
-    gradients zeroed in place, two micro-steps accumulated per step) learns what the plain path does.
-    There is no CUDA here, so the capture is the module itself: the plumbing around the graph is what
-    is tested; test_cuda_graph_steps_train_as_eager_steps replays real graphs on a GPU."""
-    plain = _train(tmp_path, tiny_model, tiny_task, mirror, method, "plain")
+@pytest.mark.parametrize("method,micro", [("full", 4), ("qlora", 4), ("full", 8)])
+def test_step_graph_path_trains_as_the_plain_step(monkeypatch, tmp_path, tiny_model, tiny_task, mirror, method,
+                                                  micro):
+    """The StepGraph path (fixed-length rows, the loss through the captured module; two micro-steps
+    accumulated per step into persistent gradients zeroed in place, or one) learns what the plain
+    path does. There is no CUDA here, so the capture is the module itself: the plumbing around the
+    graph is what is tested; test_cuda_graph_steps_train_as_eager_steps replays real graphs on a GPU."""
+    micro_kw = [f"methods.{method}.micro_batch_size={micro}"]
+    plain = _train(tmp_path, tiny_model, tiny_task, mirror, method, "plain", micro_kw)
     assert plain.stats["cuda_graphs"] is False and plain.stats["padded_length"] is None
     captured = []
     monkeypatch.setattr(train, "graphs_available", lambda: True)
     monkeypatch.setattr(train, "graph_capture", lambda module, args: captured.append(args) or module)
-    graphed = _train(tmp_path, tiny_model, tiny_task, mirror, method, "graphed")
+    graphed = _train(tmp_path, tiny_model, tiny_task, mirror, method, "graphed", micro_kw)
     assert graphed.stats["cuda_graphs"] is True and len(captured) == 1  # captured once, then replayed
     assert captured[0][0].shape == (1, graphed.stats["padded_length"])
+    assert graphed.stats["micro_batch_size"] == micro
     _same_training(graphed, plain, rtol=1e-4)
+    if micro == 8:
+        return
     # Where graphs cannot serve (or are turned off), the plain step runs.
     for off in ("training.cuda_graphs=false", "training.packing=false"):
         res = _train(tmp_path, tiny_model, tiny_task, mirror, method, off.split(".")[1], [off])
@@ -287,13 +292,15 @@ def test_step_graph_path_trains_as_the_plain_step(monkeypatch, tmp_path, tiny_mo
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the H200)")
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-def test_cuda_graph_steps_train_as_eager_steps(tmp_path, tiny_model, tiny_task, mirror, method):
-    """Real CUDA graphs: captured once, replayed every micro-step (two per optimizer step, so gradients
-    accumulate into the persistent .grad tensors, not into the graph's output buffer). bf16 autocast on
-    both sides; the padded rows change matmul shapes, hence a bf16-sized tolerance."""
-    eager = _train(tmp_path, tiny_model, tiny_task, mirror, method, "eager", ["training.cuda_graphs=false"])
-    graphed = _train(tmp_path, tiny_model, tiny_task, mirror, method, "graphed")
+@pytest.mark.parametrize("method,micro", [("full", 4), ("lora", 4), ("qlora", 4), ("full", 8), ("qlora", 8)])
+def test_cuda_graph_steps_train_as_eager_steps(tmp_path, tiny_model, tiny_task, mirror, method, micro):
+    """Real CUDA graphs: captured once, replayed every micro-step. Two micro-steps per optimizer step
+    (micro 4 of 8): gradients accumulate into persistent .grad tensors, not into the graph's output
+    buffer; one (micro 8): .grad is that buffer. bf16 autocast on both sides; the padded rows change
+    matmul shapes, hence a bf16-sized tolerance."""
+    micro_kw = [f"methods.{method}.micro_batch_size={micro}"]
+    eager = _train(tmp_path, tiny_model, tiny_task, mirror, method, "eager", ["training.cuda_graphs=false", *micro_kw])
+    graphed = _train(tmp_path, tiny_model, tiny_task, mirror, method, "graphed", micro_kw)
     assert graphed.stats["cuda_graphs"] is True and eager.stats["cuda_graphs"] is False
     assert graphed.stats["graph_capture_seconds"] > 0
     _same_training(graphed, eager, rtol=2e-2, atol=2e-3)
