@@ -28,6 +28,20 @@ def _loss(model, batch):
     return model(**batch).loss
 
 
+def _assert_same_loss_and_gradients(model, batch, reference):
+    """One forward and backward on each batch: equal losses and equal gradients (fp32)."""
+    results = []
+    for b in (reference, batch):
+        model.zero_grad()
+        loss = _loss(model, b)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l_ref, g_ref), (l_b, g_b) = results
+    torch.testing.assert_close(l_b, l_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_b, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_packed_loss_and_gradients_equal_padded(setup, tiny_model):
     task, tok, examples = setup
     feats = examples[:6]
@@ -36,17 +50,7 @@ def test_packed_loss_and_gradients_equal_padded(setup, tiny_model):
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     assert packed["input_ids"].shape[1] == sum(len(e["input_ids"]) for e in feats)  # no padding at all
     assert padded["input_ids"].numel() > packed["input_ids"].numel()
-    model = _model(tiny_model)
-    grads = []
-    for batch in (padded, packed):
-        model.zero_grad()
-        loss = _loss(model, batch)
-        loss.backward()
-        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    (l_pad, g_pad), (l_pack, g_pack) = grads
-    torch.testing.assert_close(l_pack, l_pad, rtol=1e-5, atol=1e-6)
-    for a, b in zip(g_pack, g_pad):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _assert_same_loss_and_gradients(_model(tiny_model), packed, padded)
 
 
 def test_packed_examples_do_not_see_each_other(setup, tiny_model):
@@ -227,17 +231,7 @@ def test_fixed_length_rows_keep_the_loss_and_gradients(setup, tiny_model):
     n = packed["input_ids"].shape[1]
     assert fixed["input_ids"].shape == (1, length) and length > n
     assert (fixed["position_ids"][0, n:] == 0).all() and (fixed["labels"][0, n:] == -100).all()
-    model = _model(tiny_model)
-    results = []
-    for batch in (packed, fixed):
-        model.zero_grad()
-        loss = _loss(model, batch)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    (l_a, g_a), (l_b, g_b) = results
-    torch.testing.assert_close(l_b, l_a, rtol=1e-5, atol=1e-6)
-    for a, b in zip(g_a, g_b):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    _assert_same_loss_and_gradients(_model(tiny_model), fixed, packed)
     with pytest.raises(Exception, match="exceeds its bound"):
         train.fixed_length(train.collator(tok, packing=True), 8)(feats)
 
