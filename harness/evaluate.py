@@ -78,11 +78,16 @@ def need_tasks(names) -> None:
         task_manager.cache_clear()
 
 
+def _own_paths() -> list[str]:
+    """Task directories indexed whole: the project's tasks/ and --include-path."""
+    return [str(TASKS_DIR), *_EXTRA_INCLUDE]
+
+
 @lru_cache(maxsize=None)
 def task_manager():
     from lm_eval.tasks import TaskManager
 
-    own = [str(TASKS_DIR), *_EXTRA_INCLUDE]
+    own = _own_paths()
     dirs = _registry_dirs(_NEEDED)
     if dirs is None:
         return TaskManager(include_path=own)
@@ -147,7 +152,7 @@ def check_tasks(names: list[str]) -> None:
         if name not in index:
             from lm_eval.tasks import TaskManager
 
-            every = TaskManager(include_path=[str(TASKS_DIR), *_EXTRA_INCLUDE]).task_index  # for suggestions
+            every = TaskManager(include_path=_own_paths()).task_index  # the whole registry, for suggestions
             near = difflib.get_close_matches(name, list(every), n=3)
             raise HarnessError(f"unknown lm-eval task '{name}'" + (f"; did you mean: {', '.join(near)}?" if near else ""))
 
