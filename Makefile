@@ -13,6 +13,9 @@ JOBS    ?=
 # Datasets come from the hub unless a mirror is named; ../shared/hf-mirror is used when it exists.
 HARNESS_MIRROR ?= $(wildcard ../shared/hf-mirror)
 export HARNESS_MIRROR
+# IFEval (tasks/suites/instruct.yaml) splits sentences with NLTK's punkt_tab, which cannot be downloaded here.
+NLTK_DATA ?= $(wildcard ../shared/nltk_data)
+export NLTK_DATA
 
 .PHONY: setup compare report test test-fast bench clean
 setup:

@@ -49,7 +49,7 @@ def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite:
         if not (Path(a) / "adapter_config.json").is_file():
             raise HarnessError(f"{a}: no adapter_config.json (not a PEFT adapter directory)")
     cfg = load_task(task)
-    suite_cfg = load_suite(cfg.suite)
+    suite_cfg = load_suite(cfg.suites[0])  # the first suite: the multiple-choice general benchmarks
     metrics = {t.task: t.metric for t in cfg.in_domain}
     if suite:
         metrics.update({t.task: t.metric for t in suite_cfg.tasks if t.task not in metrics})

@@ -81,7 +81,10 @@ def task_sha256(name: str, mirror: Path | None) -> str:
     from harness.evaluate import eval_task
 
     task = eval_task(name, mirror=mirror)  # the Task evaluation then uses: built once
-    config = {k: v for k, v in task.dump_config().items() if k not in WHERE_KEYS}
+    # A run sets few-shot count and generation cap on the shared Task (they are in the key on their own):
+    # hash the config as built, whichever evaluation ran first.
+    dump = getattr(task, "_harness_dump", None) or task.dump_config()
+    config = {k: v for k, v in dump.items() if k not in WHERE_KEYS}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=_describe).encode())
     for doc in task.eval_docs:
         h.update(json.dumps(doc, sort_keys=True, default=str).encode())
@@ -95,10 +98,13 @@ def _describe(obj) -> str:
 
 
 def key(*, model_sha: str, task: str, task_sha: str, limit: int | None, seed: int, num_fewshot: int,
-        quant: dict | None, device: str, dtype: str) -> dict:
+        quant: dict | None, device: str, dtype: str, **extra) -> dict:
+    """The cache key. `extra` holds what only some evaluations depend on (chat template, a generation
+    cap, the per-document record version of a perplexity task), present only when set, so the keys
+    of evaluations that do not use them are those of earlier versions."""
     return {"eval_version": EVAL_VERSION, "model_sha256": model_sha, "task": task, "task_sha256": task_sha,
             "limit": limit, "seed": seed, "num_fewshot": num_fewshot, "quant": quant, "device": device,
-            "dtype": dtype}
+            "dtype": dtype, **extra}
 
 
 def _path(root: Path, k: dict) -> Path:

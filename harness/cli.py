@@ -44,6 +44,9 @@ def run_options(fn):
                           "Default: quick on CPU, full on GPU."),
         click.option("--mirror", type=click.Path(file_okay=False), default=None, envvar="HARNESS_MIRROR",
                      help="Local dataset mirror (<hub id>/<config>/<split>.jsonl). Env: HARNESS_MIRROR."),
+        click.option("--suite", "suites", multiple=True, metavar="NAME|PATH",
+                     help="Suite(s) measuring forgetting: tasks/suites/<NAME>.yaml or a path; repeatable (e.g. "
+                          "--suite general --suite instruct). Default: the task file's suite:."),
         click.option("--run-id", default=None, help="Name of the run directory; re-using one resumes it."),
         click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
                      default=PROJECT_ROOT / "results", show_default="results/", help="Where reports go."),
@@ -85,6 +88,7 @@ def _spec(methods, **kw):
     if kw["baselines_dir"] is None:
         del kw["baselines_dir"]
     kw["include_path"] = tuple(kw["include_path"])
+    kw["suites"] = tuple(kw["suites"])
     return CompareSpec(methods=methods, **kw)
 
 

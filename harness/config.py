@@ -52,8 +52,17 @@ class TrainData:
 
 @dataclass(frozen=True)
 class EvalTask:
-    task: str = _help("lm-eval task name (registered, or a YAML under tasks/)")
-    metric: str = _help("the metric that counts for this task", default="acc")
+    task: str = _help("lm-eval task or group name (registered, or a YAML under tasks/); a group is evaluated as "
+                      "its subtasks and reported as lm-eval aggregates it")
+    metric: str = _help("the metric that counts for this task, as lm-eval logs it: `acc`, or `metric,filter` for a "
+                        "filter other than none (e.g. `exact_match,strict-match`)", default="acc")
+    num_fewshot: int | None = _help(
+        "few-shot examples for this task; null: the suite's num_fewshot (in-domain tasks: 0, as training is "
+        "zero-shot)", default=None)
+
+    def __post_init__(self):
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise HarnessError(f"{self.task}: num_fewshot must be >= 0, got {self.num_fewshot}")
 
 
 @dataclass(frozen=True)
@@ -130,9 +139,17 @@ class Profile:
     quant_reference: bool = _help(
         "with a qlora arm, also evaluate the base quantized as QLoRA loads it (no adapter): separates what "
         "4-bit quantization costs from what training does", default=False)
+    generate_limit: int | None = _help(
+        "documents per generate_until task (generation costs far more than scoring); null = limit", default=None)
+    max_gen_toks: int | None = _help(
+        "cap on generated tokens per document for generate_until tasks; null = each task's own", default=None)
+    kl_documents: int | None = _help(
+        "documents per text source for KL(base || arm): WikiText pages, domain prompts; null = all "
+        "(perplexity_limit and limit still bound them)", default=None)
 
     def __post_init__(self):
-        for name in ("train_examples", "limit", "max_steps", "batch_size", "perplexity_limit"):
+        for name in ("train_examples", "limit", "max_steps", "batch_size", "perplexity_limit", "generate_limit",
+                     "max_gen_toks", "kl_documents"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise HarnessError(f"profiles.*.{name}: must be a positive number or null, got {v}")
@@ -148,7 +165,8 @@ class TaskConfig:
     name: str = _help("task name, used in results/<name>/")
     train: TrainData = _help("training data")
     in_domain: list[EvalTask] = _help("lm-eval tasks that measure learning (in-domain)")
-    suite: str = _help("general suite that measures forgetting (tasks/suites/<suite>.yaml)", default="general")
+    suite: Any = _help("suite(s) that measure forgetting: a name (tasks/suites/<suite>.yaml) or a path, or a list "
+                       "of them (e.g. [general, instruct])", default="general")
     description: str = _help("one line for the report", default="")
     training: Training = _help("shared training settings", default_factory=Training)
     methods: dict[str, Method] = _help("per-method settings: full, lora, qlora", default_factory=dict)
@@ -166,8 +184,18 @@ class TaskConfig:
         },
     )
     profiles: dict[str, Profile] = _help("quick and full profiles", default_factory=dict)
+    kl: "KLConfig" = _help("distribution drift: KL(base || arm) of next-token distributions",
+                           default_factory=lambda: KLConfig())
+
+    @property
+    def suites(self) -> list[str]:
+        return [self.suite] if isinstance(self.suite, str) else list(self.suite)
 
     def __post_init__(self):
+        if isinstance(self.suite, str):
+            pass
+        elif not (isinstance(self.suite, list) and self.suite and all(isinstance(x, str) for x in self.suite)):
+            raise HarnessError(f"suite: a suite name or a non-empty list of names, got {self.suite!r}")
         for m in self.methods:
             if m not in METHODS:
                 raise HarnessError(f"methods.{m}: unknown method; valid: {', '.join(METHODS)}")
@@ -179,6 +207,19 @@ class TaskConfig:
         r = self.lora.get("r", 16)
         if not isinstance(r, int) or r <= 0:
             raise HarnessError(f"lora.r: must be a positive integer, got {r!r}")
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    enabled: bool = _help("compute mean per-token KL(base || arm) on general text and on domain prompts", default=True)
+    max_tokens: int = _help("tokens per document (the first N): bounds the two models' full-vocabulary logits",
+                            default=1024)
+    domain_task: str | None = _help("lm-eval task whose evaluation prompts are the domain text; null: "
+                                    "train.format_task", default=None)
+
+    def __post_init__(self):
+        if self.max_tokens < 2:
+            raise HarnessError(f"kl.max_tokens: must be >= 2, got {self.max_tokens}")
 
 
 @dataclass(frozen=True)
@@ -196,7 +237,10 @@ class SuiteConfig:
     name: str = _help("suite name")
     tasks: list[EvalTask] = _help("lm-eval tasks and the metric that counts for each")
     description: str = _help("one line for the report", default="")
-    num_fewshot: int = _help("few-shot examples per prompt", default=0)
+    num_fewshot: int = _help("few-shot examples per prompt (a task's own num_fewshot wins)", default=0)
+    apply_chat_template: Literal["auto", True, False] = _help(
+        "format prompts with the model's chat template (lm-eval's apply_chat_template); auto: when the "
+        "tokenizer has one", default=False)
     perplexity: PerplexityTask | None = _help("a continuous signal beside the accuracies (word perplexity, bits per byte)",
                                               default=None)
 

@@ -27,6 +27,7 @@ import logging
 import math
 import time
 import zlib
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,6 +43,9 @@ SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split
 # 31.5 s instead of 51.8 s (NF4 base + LoRA) against 512 requests and 3/4. CPUs pay for padding in
 # arithmetic: they keep lm-eval's batch size and 3/4.
 GPU_MC_BATCH = 2048
+# Prompts per generation batch on CUDA (greedy decoding; KV cache of 256 x ~1,400 tokens of SmolLM2:
+# ~8 GiB in bf16).
+GPU_GEN_BATCH = 256
 GPU_PREFIX_RATIO = 0.5
 
 
@@ -221,8 +225,38 @@ def eval_task(name: str, *, mirror: Path | None):
         docs = list(task.eval_docs)
         # eval_docs calls test_docs() (else validation_docs()); an instance attribute answers first.
         setattr(task, "test_docs" if task.has_test_docs() else "validation_docs", lambda: docs)
+        _guard_overflow(task)
+        import copy
+
+        task._harness_dump = copy.deepcopy(task.dump_config())
+        task._harness_defaults = {"num_fewshot": task.config.num_fewshot,
+                                  "generation_kwargs": copy.deepcopy(task.config.generation_kwargs)}
         _TASKS[key] = task
     return _TASKS[key]
+
+
+def _guard_overflow(task) -> None:
+    """lm-eval's perplexity aggregations are exp(mean negative log-likelihood): a collapsed model's
+    overflows math.exp and ends the whole evaluation with OverflowError. Here it is +inf instead (the
+    report marks it collapsed). The one patch of a Task's aggregation functions, in one place."""
+    import functools
+
+    aggs = getattr(task, "_aggregation_list", None)
+    if not isinstance(aggs, dict):
+        return
+    for metric, fn in list(aggs.items()):
+        if getattr(fn, "_harness_guarded", False):
+            continue
+
+        @functools.wraps(fn)
+        def guarded(items, _fn=fn):
+            try:
+                return _fn(items)
+            except OverflowError:
+                return float("inf")
+
+        guarded._harness_guarded = True
+        aggs[metric] = guarded
 
 
 def _stat(path: str) -> tuple[int, int]:
@@ -271,8 +305,9 @@ def doc_count(name: str, mirror: Path | None) -> int:
     return len(eval_task(name, mirror=mirror).eval_docs)
 
 
-def subsample(tasks: list[str], limit: int, *, mirror: Path | None, seed: int) -> dict[str, list[int]]:
-    """A seeded random subset of `limit` documents per task, as lm-eval's `samples` argument.
+def subsample(tasks: list[str], limit: int | dict, *, mirror: Path | None, seed: int) -> dict[str, list[int]]:
+    """A seeded random subset of `limit` documents per task (an int, or {task: int or None}), as
+    lm-eval's `samples` argument.
 
     lm-eval's own `limit` takes the first N documents, and some splits are sorted (the financial
     tweets' validation split is ordered by label: its first 30 are all 'bearish')."""
@@ -281,26 +316,148 @@ def subsample(tasks: list[str], limit: int, *, mirror: Path | None, seed: int) -
     out = {}
     for task in tasks:
         n = doc_count(task, mirror)
+        k = limit.get(task) if isinstance(limit, dict) else limit
+        if k is None:
+            out[task] = list(range(n))
+            continue
         rng = np.random.default_rng([seed, zlib.crc32(task.encode())])  # per task: stable across suites
-        out[task] = sorted(int(x) for x in rng.choice(n, size=min(limit, n), replace=False))
+        out[task] = sorted(int(x) for x in rng.choice(n, size=min(k, n), replace=False))
     return out
 
 
+# ---------------------------------------------------------------- what a task or group is
+
+
+def expand(name: str) -> dict:
+    """A suite entry as lm-eval defines it: a task, or a group / tag with its subtasks.
+
+    Returns {"kind": "task"|"group", "leaves": [task names, in order], "groups": {group: {"children":
+    [...], "aggregate": [{"metric", "filter_list", "weight_by_size"}] or None}}}. Read from the registry's
+    YAMLs, not by building the group: building would load every subtask's dataset (from the hub),
+    while here each subtask is evaluated on its own, through the mirror when there is one."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    need_tasks([name])
+    groups: dict[str, dict] = {}
+    leaves: list[str] = []
+
+    def walk(n: str, path: tuple[str, ...]) -> None:
+        if n in path:
+            raise HarnessError(f"group {path[0]}: contains itself through {' -> '.join((*path, n))}")
+        need_tasks([n])  # a group's children may live in other registry directories
+        entry = task_manager().task_index.get(n)
+        if entry is None:
+            check_tasks([n])  # names it, with suggestions
+            raise HarnessError(f"task {n}: not found in lm-eval's registry")
+        kind = entry.kind.name
+        if kind in ("TASK", "PY_TASK"):
+            if n not in leaves:
+                leaves.append(n)
+            return
+        if kind == "TAG":
+            children, aggregate = sorted(entry.tags), None
+        elif kind == "GROUP":
+            cfg = load_yaml(entry.yaml_path, resolve_func=False)
+            children = []
+            for item in cfg.get("task") or []:
+                if not isinstance(item, str):
+                    raise HarnessError(f"group {n} ({entry.yaml_path}): lists an inline task config; the harness "
+                                       "evaluates groups whose subtasks are registered task names")
+                children.append(item)
+            aggregate = [{"metric": a["metric"], "filter_list": _as_list(a.get("filter_list", ["none"])),
+                          "weight_by_size": bool(a.get("weight_by_size", True))}
+                         for a in cfg.get("aggregate_metric_list") or []]
+        else:
+            raise HarnessError(f"task {n}: lm-eval registers it as {kind.lower()}; not evaluable")
+        if not children:
+            raise HarnessError(f"group {n}: has no subtasks")
+        groups[n] = {"children": children, "aggregate": aggregate}
+        for c in children:
+            walk(c, (*path, n))
+
+    walk(name, ())
+    return {"kind": "task" if not groups else "group", "leaves": leaves, "groups": groups}
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+# Aggregations whose per-document values are numbers whose mean is the aggregate ("mean"), or
+# (value, weight) pairs whose weighted mean is (perplexities, instruction-level accuracy).
+MEAN_AGGREGATIONS = ("mean",)
+WEIGHTED_AGGREGATIONS = ("weighted_perplexity", "bits_per_byte", "agg_inst_level_acc")
+LN2 = math.log(2)
+
+
+def task_info(name: str, *, mirror: Path | None) -> dict:
+    """What a (leaf) task logs: output type, metrics with their direction and aggregation, filters,
+    few-shot default and generation settings; from the built Task, so the checks see what lm-eval runs."""
+    task = eval_task(name, mirror=mirror)
+    aggs = {}
+    for metric, fn in task.aggregation().items():
+        aggs[metric] = getattr(fn, "__name__", str(fn))
+    return {"output_type": task.OUTPUT_TYPE, "higher_is_better": dict(task.higher_is_better()),
+            "aggregation": aggs, "filters": [f.name for f in getattr(task, "_filters", [])] or ["none"],
+            "num_fewshot": task.config.num_fewshot,
+            "generation_kwargs": dict(task.config.generation_kwargs or {}) if task.OUTPUT_TYPE == "generate_until" else None}
+
+
+def split_metric(key: str) -> tuple[str, str]:
+    """`exact_match,strict-match` -> (exact_match, strict-match); `acc` -> (acc, none)."""
+    metric, _, filt = key.partition(",")
+    return metric, filt or "none"
+
+
+def record_key(metric: str, filt: str) -> str:
+    """How a per-document record names a metric: lm-eval's `metric,filter`, with `,none` dropped."""
+    return metric if filt == "none" else f"{metric},{filt}"
+
+
+def check_metric(name: str, key: str, info: dict, *, where: str) -> None:
+    """The counted metric must be one this task logs per document, as a number the paired statistics can use."""
+    metric, filt = split_metric(key)
+    if metric == "bits_per_byte" and info["output_type"] == "loglikelihood_rolling":
+        pass
+    elif metric not in info["higher_is_better"]:
+        raise HarnessError(f"{where}: task {name} logs no metric '{metric}'; it logs "
+                           f"{', '.join(sorted(info['higher_is_better']))}")
+    if filt not in info["filters"]:
+        raise HarnessError(f"{where}: task {name} has no filter '{filt}' (metric '{key}'); its filters: "
+                           f"{', '.join(info['filters'])} (write metric,filter, e.g. {metric},{info['filters'][0]})")
+    agg = info["aggregation"].get(metric)
+    if agg is not None and agg not in MEAN_AGGREGATIONS + WEIGHTED_AGGREGATIONS:
+        raise HarnessError(f"{where}: task {name}'s metric '{metric}' is aggregated by '{agg}' over the whole corpus, "
+                           "not logged per document as a number: no paired statistics; count another metric")
+
+
 def formatter(name: str, *, mirror: Path | None):
-    """doc -> (context, continuation) exactly as lm-eval scores the correct answer of `name`.
+    """doc -> (context, continuation) exactly as lm-eval scores (multiple choice) or targets
+    (generate_until) the correct answer of `name`.
 
     Training examples go through the same doc_to_text / doc_to_choice / doc_to_target (and
-    process_docs) as evaluation, so the fine-tuned arms learn the very prompt they are tested on."""
+    process_docs) as evaluation, so the fine-tuned arms learn the very prompt they are tested on.
+    A free-text task (generate_until) trains on prompt + target_delimiter + doc_to_target."""
     task = eval_task(name, mirror=mirror)  # the same Task object evaluation uses
-    if task.OUTPUT_TYPE != "multiple_choice":
-        raise HarnessError(f"train.format_task {name}: must be a multiple_choice task, is {task.OUTPUT_TYPE}")
+    if task.OUTPUT_TYPE not in ("multiple_choice", "generate_until"):
+        raise HarnessError(f"train.format_task {name}: must be a multiple_choice or generate_until task, "
+                           f"is {task.OUTPUT_TYPE}")
     delimiter = task.config.target_delimiter
 
     def fmt(doc: dict) -> tuple[str, str]:
         with cached_templates():
-            choices = task.doc_to_choice(doc)
-            target = task.doc_to_target(doc)
             text = task.doc_to_text(doc)
+            target = task.doc_to_target(doc)
+            choices = task.doc_to_choice(doc) if task.OUTPUT_TYPE == "multiple_choice" else None
+        if choices is None:  # free text: the target is the answer
+            if isinstance(target, list):
+                target = target[0] if target else None
+            if target is None or (isinstance(target, str) and not target.strip()):
+                raise HarnessError(f"task {name}: doc_to_target gives no answer text ({target!r}); a free-text "
+                                   "format task needs one per training row")
+            return text, delimiter + str(target)
+        if isinstance(target, str) and target in choices:  # lm-eval accepts the label word itself
+            target = choices.index(target)
         if not isinstance(target, int) or not 0 <= target < len(choices):
             raise HarnessError(f"task {name}: label {target!r} is outside the choices {choices}")
         return text, delimiter + choices[target]
@@ -324,50 +481,125 @@ def make_lm(model, tokenizer, *, batch_size: int, backend: str = "auto"):
 
     if on_gpu:
         return HarnessLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                         mc_batch_size=max(batch_size, GPU_MC_BATCH), mc_prefix_ratio=GPU_PREFIX_RATIO)
+                         mc_batch_size=max(batch_size, GPU_MC_BATCH), mc_prefix_ratio=GPU_PREFIX_RATIO,
+                         gen_batch_size=max(batch_size, GPU_GEN_BATCH))
     return HarnessLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mc_batch_size=batch_size)
 
 
-def evaluate(model, tokenizer, tasks: list[str], *, mirror: Path | None, limit: int | None,
+@dataclass(frozen=True)
+class TaskRun:
+    """One leaf task as a run evaluates it: few-shot count, chat template, generation cap, documents."""
+
+    task: str
+    num_fewshot: int = 0
+    chat_template: bool = False
+    max_gen_toks: int | None = None  # generate_until only: caps the task's own max_gen_toks
+    limit: int | None = None  # a seeded random subset of this many documents; None: all
+
+
+def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path | None, limit: int | None = None,
              batch_size: int, num_fewshot: int = 0, seed: int = 0, backend: str = "auto",
              raw: bool = False) -> dict:
-    """Run lm-eval's simple_evaluate on an in-memory model (plain, PeftModel, or over a 4-bit base),
-    all tasks in one call.
+    """Run lm-eval's simple_evaluate on an in-memory model (plain, PeftModel, or over a 4-bit base):
+    one call per chat-template setting, every task of that setting in it.
 
+    `tasks` are TaskRun entries, or names (then `limit` and `num_fewshot` apply to all).
     Returns {"results": {task: {metric: value, metric_stderr: ...}}, "n": {task: docs},
-    "samples": {task: [per-document records]}, "configs": ..., "seconds": wall time}; with `raw`,
-    also "raw": {task: {doc_id: [(loglik, is_greedy) per choice]}} (see `agreement`)."""
+    "samples": {task: [per-document records, one per document, every filter's metrics in it]},
+    "seconds": wall time}; with `raw`, also "raw": {task: {doc_id: [(loglik, is_greedy) per choice]}}."""
     from lm_eval import simple_evaluate
 
+    runs = [t if isinstance(t, TaskRun) else TaskRun(t, num_fewshot=num_fewshot, limit=limit) for t in tasks]
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     lm = make_lm(model, tokenizer, batch_size=batch_size, backend=backend)
     start = time.perf_counter()
-    samples = subsample(tasks, limit, mirror=mirror, seed=seed) if limit is not None else None
-    with cached_templates():
-        out = simple_evaluate(
-            model=lm,
-            tasks=[eval_task(t, mirror=mirror) for t in tasks],
-            num_fewshot=num_fewshot,
-            samples=samples,
-            log_samples=True,
-            task_manager=task_manager(),
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        )
+    results, samples, n, versions, raw_out = {}, {}, {}, {}, {}
+    for chat in sorted({r.chat_template for r in runs}):
+        group = [r for r in runs if r.chat_template == chat]
+        names = [r.task for r in group]
+        selected = subsample(names, {r.task: r.limit for r in group}, mirror=mirror, seed=seed)
+        objects = [_configured(r, mirror) for r in group]
+        with cached_templates():
+            out = simple_evaluate(
+                model=lm,
+                tasks=objects,
+                num_fewshot=None,  # each Task carries its own (set by _configured)
+                samples=selected,
+                log_samples=True,
+                apply_chat_template=chat,
+                task_manager=task_manager(),
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            )
+        for r, task in zip(group, objects, strict=True):
+            metrics = out["results"][r.task]
+            results[r.task] = {k.replace(",none", ""): _num(v) for k, v in metrics.items() if "," in k}
+            samples[r.task] = records(out["samples"].get(r.task, []), task)
+            n[r.task] = out["n-samples"][r.task]["effective"]
+            versions[r.task] = out["versions"].get(r.task)
+        if raw:
+            raw_out.update(raw_responses(out))
     seconds = time.perf_counter() - start
-    results, samples = {}, {}
-    for task in tasks:
-        metrics = out["results"][task]
-        results[task] = {k.replace(",none", ""): _num(v) for k, v in metrics.items() if "," in k}
-        samples[task] = [_compact(s) for s in out["samples"].get(task, [])]
-    extra = {"raw": raw_responses(out)} if raw else {}
+    order = [r.task for r in runs]
+    extra = {"raw": raw_out} if raw else {}
     return {**extra,
-        "results": results,
-        "n": {t: out["n-samples"][t]["effective"] for t in tasks},
-        "samples": samples,
-        "versions": {t: out["versions"].get(t) for t in tasks},
-        "lm_eval_version": out.get("lm_eval_version"),
+        "results": {t: results[t] for t in order},
+        "n": {t: n[t] for t in order},
+        "samples": {t: samples[t] for t in order},
+        "versions": {t: versions[t] for t in order},
+        "lm_eval_version": getattr(__import__("lm_eval"), "__version__", None),
         "seconds": seconds,
     }
+
+
+def _configured(run: TaskRun, mirror: Path | None):
+    """The cached Task, set for this run: few-shot count and generation cap are set on every call
+    (the Task object is shared by every evaluation of the process; its own settings are kept aside)."""
+    task = eval_task(run.task, mirror=mirror)
+    task.set_config(key="num_fewshot", value=run.num_fewshot)
+    if task.OUTPUT_TYPE == "generate_until":
+        gen = dict(task._harness_defaults["generation_kwargs"] or {})
+        if run.max_gen_toks is not None:
+            gen["max_gen_toks"] = min(run.max_gen_toks, gen.get("max_gen_toks", run.max_gen_toks))
+        task.set_config(key="generation_kwargs", value=gen)
+    return task
+
+
+def records(samples: list[dict], task) -> list[dict]:
+    """lm-eval's logged samples (one per document and filter) as one record per document: ids, the
+    chosen answer and number of choices (multiple choice), and every metric as `metric[,filter]`.
+    A metric whose aggregate is a weighted mean keeps its per-document weight under `<key>:w`:
+    perplexity tasks give bits_per_byte (value = -loglik / (bytes ln 2), weight = bytes), IFEval's
+    instruction-level accuracies the fraction of instructions followed (weight = instructions)."""
+    aggs = {m: getattr(fn, "__name__", "") for m, fn in task.aggregation().items()}
+    by_doc: dict[int, dict] = {}
+    for s in samples:
+        rec = by_doc.setdefault(s["doc_id"], {"doc_id": s["doc_id"], "doc_hash": s.get("doc_hash"),
+                                               "target": s.get("target")})
+        filt = s.get("filter", "none")
+        resps = s.get("filtered_resps") or []
+        if resps and isinstance(resps[0], (list, tuple)) and len(resps[0]) == 2 and isinstance(resps[0][1], bool):
+            lls = [float(r[0]) for r in resps]
+            if len(lls) > 1:  # multiple choice (a single loglikelihood request has no choice to make)
+                rec["pred"] = max(range(len(lls)), key=lls.__getitem__)
+                rec["n_choices"] = len(lls)
+        for m in s.get("metrics", []):
+            _put(rec, record_key(m, filt), s.get(m), aggs.get(m, ""))
+    return [by_doc[d] for d in sorted(by_doc)]
+
+
+def _put(rec: dict, key: str, v, agg: str) -> None:
+    if isinstance(v, bool) or isinstance(v, (int, float)):
+        if not (isinstance(v, float) and math.isnan(v)):
+            rec[key] = float(v)
+        return
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, bool) for x in v):  # instruction-level
+        rec[key], rec[f"{key}:w"] = sum(v) / len(v), float(len(v))
+        return
+    if agg in ("weighted_perplexity", "bits_per_byte") and isinstance(v, (list, tuple)) and len(v) == 2:
+        loglik, weight = float(v[0]), float(v[1])
+        if key.startswith("bits_per_byte") and weight > 0:  # the drift measure, paired per document
+            rec[key], rec[f"{key}:w"] = -loglik / (weight * LN2), weight
+    # anything else (a corpus-level metric's (reference, prediction) pair): not a per-document number
 
 
 def raw_responses(out: dict) -> dict:
@@ -403,15 +635,19 @@ def _num(v):
     return v if isinstance(v, (int, float)) else None
 
 
-def _compact(sample: dict) -> dict:
-    """The per-document record kept for paired statistics: ids, target, prediction, metrics."""
-    rec = {"doc_id": sample["doc_id"], "doc_hash": sample.get("doc_hash"), "target": sample.get("target")}
-    resps = sample.get("filtered_resps") or []
-    if resps and isinstance(resps[0], (list, tuple)) and len(resps[0]) == 2 and isinstance(resps[0][1], bool):
-        lls = [float(r[0]) for r in resps]
-        rec["pred"] = max(range(len(lls)), key=lls.__getitem__)
-    for m in sample.get("metrics", []):
-        v = sample.get(m)
-        if isinstance(v, (int, float)):
-            rec[m] = float(v)
-    return rec
+def kl_documents(name: str, *, mirror: Path | None, limit: int | None, seed: int) -> list[tuple[int, str]]:
+    """(doc_id, text) of a task's evaluation documents for the KL drift measure (harness/drift.py): the
+    text a perplexity task scores (doc_to_target: the whole page), else the prompt (doc_to_text), on the
+    same seeded subset of documents as the evaluation."""
+    task = eval_task(name, mirror=mirror)
+    docs = task.eval_docs
+    ids = subsample([name], limit, mirror=mirror, seed=seed)[name] if limit is not None else list(range(len(docs)))
+    out = []
+    with cached_templates():
+        for i in ids:
+            doc = docs[i]
+            text = task.doc_to_target(doc) if task.OUTPUT_TYPE == "loglikelihood_rolling" else task.doc_to_text(doc)
+            if isinstance(text, list):
+                text = text[0] if text else ""
+            out.append((i, str(text)))
+    return out

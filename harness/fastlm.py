@@ -53,8 +53,9 @@ class HarnessLM(HFLM):
     `batch_size` stays HFLM's for everything else (rolling log-likelihood, generation)."""
 
     def __init__(self, *args, mc_batch_size: int | None = None, mc_memory_bytes: int | None = None,
-                 mc_prefix_ratio: float = 0.75, **kwargs):
+                 mc_prefix_ratio: float = 0.75, gen_batch_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.gen_batch_size = int(gen_batch_size) if gen_batch_size else None
         self.mc_batch_size = int(mc_batch_size) if mc_batch_size else None
         self.mc_prefix_ratio = float(mc_prefix_ratio)
         default = (8 if self.device.type == "cuda" else 2) * 2**30
@@ -71,6 +72,19 @@ class HarnessLM(HFLM):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         kv = cfg.num_hidden_layers * 2 * (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim * size
         return kv, cfg.vocab_size * size
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """HFLM's greedy generation (its length-sorted batching, stop strings, chat handling), with
+        `gen_batch_size` prompts per batch where set: a decoding step of a small model costs the same
+        at 64 or 256 prompts on a GPU, so fewer, larger batches finish IFEval's 541 prompts in a
+        fraction of the steps."""
+        if not self.gen_batch_size or not isinstance(self.batch_size_per_gpu, int):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        saved, self.batch_size_per_gpu = self.batch_size_per_gpu, self.gen_batch_size
+        try:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self.batch_size_per_gpu = saved
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         if (self.enable_thinking or self.backend != "causal" or self.world_size > 1

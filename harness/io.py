@@ -18,7 +18,8 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 STOP_ENV = "HARNESS_STOP_AT"  # fault injection for the resume tests: SIGKILL at a named point
 
-SAMPLE_FIELDS = ("task", "doc_id", "doc_hash", "target", "pred", "acc", "acc_norm")
+SAMPLE_FIELDS = ("task", "doc_id", "doc_hash", "filter", "metric", "value", "weight")
+RECORD_IDS = ("doc_id", "doc_hash", "target")
 PACKAGES = ("harness", "torch", "transformers", "peft", "bitsandbytes", "lm_eval", "datasets", "accelerate")
 
 
@@ -67,27 +68,46 @@ def read_json(path: Path):
 
 
 def write_samples(path: Path, samples: dict[str, list[dict]]) -> Path:
-    """One row per (task, document): what the paired statistics need, nothing more."""
+    """One row per (task, document, filter, metric): what the paired statistics need, nothing more.
+    `weight` is set for metrics aggregated as weighted means (bytes for bits_per_byte, instructions
+    for IFEval's instruction-level accuracy); `pred` and `n_choices` (multiple choice) are rows too."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SAMPLE_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(SAMPLE_FIELDS)
     for task, records in samples.items():
         for rec in sorted(records, key=lambda r: r["doc_id"]):
             short = (rec.get("doc_hash") or "")[:16]  # 64 bits pair documents safely; keeps files small
-            writer.writerow({"task": task, **rec, "doc_hash": short})
+            for key in sorted(k for k in rec if k not in RECORD_IDS and not k.endswith(":w")):
+                value = rec[key]
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                metric, _, filt = key.partition(",")
+                writer.writerow([task, rec["doc_id"], short, filt or "none", metric, repr(float(value)),
+                                 repr(float(rec[f"{key}:w"])) if f"{key}:w" in rec else ""])
     return write_text(path, buf.getvalue())
 
 
 def read_samples(path: Path) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
+    """Per-document records back from samples/<arm>.csv; runs written before 2026-12 (one row per
+    document, acc and acc_norm columns) are read through the same record shape."""
+    by_task: dict[str, dict[int, dict]] = {}
     with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            rec = {"doc_id": int(row["doc_id"]), "doc_hash": row["doc_hash"] or None}
-            for key in ("acc", "acc_norm"):
+        reader = csv.DictReader(fh)
+        long = "metric" in (reader.fieldnames or [])
+        for row in reader:
+            doc_id = int(row["doc_id"])
+            rec = by_task.setdefault(row["task"], {}).setdefault(
+                doc_id, {"doc_id": doc_id, "doc_hash": row["doc_hash"] or None})
+            if long:
+                key = row["metric"] if row["filter"] in ("none", "") else f"{row['metric']},{row['filter']}"
+                rec[key] = float(row["value"])
+                if row.get("weight"):
+                    rec[f"{key}:w"] = float(row["weight"])
+                continue
+            for key in ("acc", "acc_norm", "pred"):  # the wide format of older runs
                 if row.get(key) not in (None, ""):
                     rec[key] = float(row[key])
-            out.setdefault(row["task"], []).append(rec)
-    return out
+    return {task: [docs[d] for d in sorted(docs)] for task, docs in by_task.items()}
 
 
 def environment() -> dict:

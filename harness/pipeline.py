@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import baselines, evaluate, models, parallel, provenance, report, resources, train
-from harness.config import METHODS, PROJECT_ROOT, HarnessError, SuiteConfig, TaskConfig, load_suite, load_task, to_dict
+from harness import baselines, drift, evalplan, evaluate, models, parallel, provenance, report, resources, train
+from harness.config import METHODS, PROJECT_ROOT, HarnessError, TaskConfig, load_task, to_dict
 from harness.data import mirror_dir
 from harness.io import environment, read_json, remove_partial, stop_point, write_json, write_samples
 
@@ -41,6 +41,7 @@ class CompareSpec:
     results_dir: Path = PROJECT_ROOT / "results"
     work_dir: Path = PROJECT_ROOT / "work"
     overrides: tuple[str, ...] = ()
+    suites: tuple[str, ...] = ()  # --suite NAME|PATH (repeatable); empty: the task file's suite(s)
     baselines_dir: Path = field(default_factory=baselines.default_dir)
     refresh_baseline: bool = False  # evaluate the references even when the baseline cache has them
     device: str = "auto"  # auto | cpu | cuda
@@ -84,7 +85,6 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     evaluate.set_include_paths(spec.include_path)
     parallel.parse_jobs(spec.jobs)
     task: TaskConfig = load_task(spec.task, list(spec.overrides))
-    suite: SuiteConfig = load_suite(task.suite)
     arm_tasks = {}
     for arm in arms:
         if arm.method not in METHODS:
@@ -101,8 +101,7 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     if profile_name not in task.profiles:
         raise HarnessError(f"--profile {profile_name}: not defined under profiles: of task {task.name}")
     mirror = mirror_dir(spec.mirror)
-    ppl = [suite.perplexity.task] if suite.perplexity else []
-    evaluate.check_tasks([t.task for t in suite.tasks] + [t.task for t in task.in_domain] + [task.train.format_task] + ppl)
+    evaluate.check_tasks([task.train.format_task] + ([task.kl.domain_task] if task.kl.domain_task else []))
     run_id = spec.run_id or f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{profile_name}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", run_id):
         raise HarnessError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only")
@@ -117,10 +116,14 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     for arm_task in {_hash(to_dict(t.train)): t for t in arm_tasks.values()}.values():
         if spec.only is None:  # a parallel job's parent checked it
             _check_training_data(arm_task, mirror)
-    if mirror is not None:  # every benchmark's data must be in the mirror too
-        for name in [t.task for t in suite.tasks] + [t.task for t in task.in_domain] + ppl:
+    # Suites merged, groups expanded, every counted metric and benchmark dataset checked (harness/evalplan.py).
+    plan_ = evalplan.build(task, list(spec.suites) or task.suites, mirror=mirror)
+    suite = plan_.suite
+    ppl = [suite.perplexity.task] if suite.perplexity else []
+    if mirror is not None:  # every benchmark's data must be in the mirror too (suite leaves: checked in evalplan)
+        for name in ppl + ([task.kl.domain_task] if task.kl.enabled and task.kl.domain_task else []):
             evaluate.task_config(name, mirror=mirror)
-    return {"task": task, "arm_tasks": arm_tasks, "suite": suite, "profile_name": profile_name,
+    return {"task": task, "arm_tasks": arm_tasks, "suite": suite, "evalplan": plan_, "profile_name": profile_name,
             "profile": task.profiles[profile_name],
             "mirror": mirror, "run_id": run_id, "run_dir": run_dir,
             "work_dir": Path(spec.work_dir) / task.name / run_id}
@@ -133,7 +136,8 @@ def _resumable(spec: CompareSpec, p: dict) -> dict:
         if Path(out[key]).expanduser().exists():
             out[key] = str(Path(out[key]).expanduser().resolve())
     out["work_dir"] = str(Path(spec.work_dir).resolve())
-    return out | {"profile": p["profile_name"], "mirror": str(p["mirror"]) if p["mirror"] else None}
+    return out | {"profile": p["profile_name"], "mirror": str(p["mirror"]) if p["mirror"] else None,
+                  "suites": list(spec.suites)}
 
 
 def _check_training_data(task: TaskConfig, mirror) -> None:
@@ -224,11 +228,15 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     if not child:
         log(f"model {resolved.name}: {resolved.detail}")
 
-    suite_tasks = [t.task for t in suite.tasks]
-    domain_tasks = [t.task for t in task.in_domain]
-    eval_tasks = suite_tasks + [t for t in domain_tasks if t not in suite_tasks]
+    eplan: evalplan.EvalPlan = p["evalplan"]
+    eval_tasks = eplan.leaves  # every lm-eval task evaluated (a group's subtasks), suites first
+    has_chat = models.load_tokenizer(resolved.path).chat_template is not None
+    runs = eplan.runs(profile, has_chat_template=has_chat)
+    kl_domain = task.kl.domain_task or task.train.format_task
     config = None if child else {  # a parallel job's parent records the run (hashing its data once)
         "run_id": p["run_id"], "task": to_dict(task), "suite": to_dict(suite), "methods": [a.name for a in arms],
+        "evaluation": {**eplan.record(), "runs": [to_dict(r) for r in runs], "tokenizer_chat_template": has_chat,
+                       "training_chat_template": False},
         "arms": {a.name: {"method": a.method, "overrides": list(a.overrides)} for a in arms},
         "profile": {"name": p["profile_name"], **to_dict(profile)},
         "model": {**resolved.to_dict(), "content_sha256": baselines.model_sha256(resolved.path)},
@@ -242,16 +250,18 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     if not child:
         _keep_train_data(run_dir / "config.json", config)
         write_json(run_dir / "config.json", config)
-    eval_kw = dict(mirror=mirror, limit=profile.limit, batch_size=profile.eval_batch_size,
-                   num_fewshot=suite.num_fewshot, seed=task.training.seed, backend=profile.eval_backend)
+    eval_kw = dict(mirror=mirror, batch_size=profile.eval_batch_size, seed=task.training.seed,
+                   backend=profile.eval_backend)
     ppl_kw = None
     if suite.perplexity is not None:  # its own batch size: rolling windows of full context are memory-hungry
         ppl_kw = dict(mirror=mirror, limit=profile.perplexity_limit, batch_size=suite.perplexity.batch_size,
                       num_fewshot=0, seed=task.training.seed, backend=profile.eval_backend)
     # The backend is left out of the input hashes: both give the same per-document results.
-    common = {"model": resolved.path, "tasks": eval_tasks,
+    common = {"model": resolved.path, "tasks": eval_tasks, "runs": [to_dict(r) for r in runs],
               "eval": {k: v for k, v in eval_kw.items() if k not in ("mirror", "backend")},
-              "perplexity": [suite.perplexity and suite.perplexity.task, ppl_kw and ppl_kw["limit"]]}
+              "perplexity": [suite.perplexity and suite.perplexity.task, ppl_kw and ppl_kw["limit"]],
+              "kl": to_dict(task.kl) | {"documents": profile.kl_documents} if task.kl.enabled else None}
+    run_of = {r.task: r for r in runs}
 
     def run_eval(name: str, model, tasks: list[str], with_ppl: bool) -> tuple[dict | None, dict | None, dict]:
         """lm-eval on `tasks` (one evaluator call) and, if asked, the perplexity task; and what the
@@ -261,7 +271,7 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         with resources.measure() as measured:
             if tasks:
                 log(f"{name}: evaluating {len(tasks)} tasks")
-                ev = evaluate.evaluate(model, tokenizer, tasks, **eval_kw)
+                ev = evaluate.evaluate(model, tokenizer, [run_of[t] for t in tasks], **eval_kw)
                 log(f"{name}: evaluated in {ev['seconds']:.0f}s")
                 stop_point(f"evaluating:{name}")
             if with_ppl:
@@ -273,9 +283,34 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
                     f"({ppl['n']} documents, {pv['seconds']:.0f}s)")
         return ev, ppl, {**measured.result, "model_footprint_bytes": resources.footprint_bytes(model)}
 
+    def kl_of(name: str, model) -> dict | None:
+        """KL(base || model) on the WikiText pages and the domain prompts (harness/drift.py)."""
+        if not task.kl.enabled:
+            return None
+        sources = {}
+        if suite.perplexity is not None:
+            sources["general"] = (suite.perplexity.task, _min(profile.perplexity_limit, profile.kl_documents))
+        sources["domain"] = (kl_domain, _min(profile.limit, profile.kl_documents))
+        texts = {k: (t, evaluate.kl_documents(t, mirror=mirror, limit=lim, seed=task.training.seed))
+                 for k, (t, lim) in sources.items()}
+        start = time.perf_counter()
+        base_model = models.load_base(resolved.path)
+        tokenizer = models.load_tokenizer(resolved.path)
+        out = {}
+        for k, (t, docs) in texts.items():
+            per_doc = drift.kl_per_document(base_model, model, tokenizer, docs, max_tokens=task.kl.max_tokens)
+            out[k] = {"task": t, "max_tokens": task.kl.max_tokens, "docs": per_doc}
+        del base_model
+        gc.collect()
+        _free_gpu()
+        summary = ", ".join(f"{k} {drift.mean_kl(v['docs']):.4g}" for k, v in out.items())
+        log(f"{name}: KL(base || {name}) per token: {summary} ({time.perf_counter() - start:.0f}s)")
+        return {**out, "seconds": time.perf_counter() - start}
+
     def evaluate_arm(name: str, model, inputs: str, train_stats: dict | None) -> None:
         ev, ppl, used = run_eval(name, model, eval_tasks, ppl_kw is not None)
-        _record(run_dir, name, inputs, ev, train_stats=train_stats, perplexity=_drop_samples(ppl), eval_resources=used)
+        kl = kl_of(name, model)
+        _record(run_dir, name, inputs, ev, train_stats=train_stats, perplexity=ppl, eval_resources=used, kl=kl)
 
     def evaluate_reference(name: str, inputs: str, quant: dict | None) -> None:
         """An untrained reference model (the base, the 4-bit base): evaluated once per inputs, and
@@ -289,9 +324,13 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         missing = [t for t in eval_tasks if t not in hits]
         want_ppl = ppl_kw is not None and suite.perplexity.task not in hits
         ev = ppl = used = None  # used stays None when every task came from the baseline cache
-        if missing or want_ppl:
+        want_kl = quant is not None and task.kl.enabled  # the 4-bit base drifts too; the base itself: 0
+        kl = None
+        if missing or want_ppl or want_kl:
             model = models.load_base(resolved.path, quant=quant)
-            ev, ppl, used = run_eval(name, model, missing, want_ppl)
+            if missing or want_ppl:
+                ev, ppl, used = run_eval(name, model, missing, want_ppl)
+            kl = kl_of(name, model) if want_kl else None
             del model
             gc.collect()
             _free_gpu()
@@ -300,18 +339,21 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         if reused["tasks"]:
             log(f"{name}: baseline reused for {len(reused['tasks'])} of {len(keys)} tasks from {spec.baselines_dir} "
                 f"(saved about {reused['saved_seconds']:.0f}s of evaluation)")
-        _record(run_dir, name, inputs, ev, train_stats=None, perplexity=ppl, baseline=reused, eval_resources=used)
+        _record(run_dir, name, inputs, ev, train_stats=None, perplexity=ppl, baseline=reused, eval_resources=used,
+                kl=kl)
 
     def _baseline_keys(quant: dict | None) -> dict[str, dict]:
         model_sha = baselines.model_sha256(resolved.path)
         common_key = dict(model_sha=model_sha, seed=task.training.seed, quant=quant, device=models.device_kind(),
                           dtype=str(models.train_dtype()).removeprefix("torch."))
-        keys = {t: baselines.key(task=t, task_sha=baselines.task_sha256(t, mirror), limit=profile.limit,
-                                 num_fewshot=suite.num_fewshot, **common_key) for t in eval_tasks}
+        keys = {t: baselines.key(task=t, task_sha=baselines.task_sha256(t, mirror), limit=run_of[t].limit,
+                                 num_fewshot=run_of[t].num_fewshot, **common_key, **_run_extra(run_of[t]))
+                for t in eval_tasks}
         if ppl_kw is not None:
             t = suite.perplexity.task
+            # records 2: per-document bits per byte (paired drift), which entries before 2026-12 lack
             keys[t] = baselines.key(task=t, task_sha=baselines.task_sha256(t, mirror), limit=ppl_kw["limit"],
-                                    num_fewshot=0, **common_key)
+                                    num_fewshot=0, **common_key, records=2)
         return keys
 
     def _store_baselines(name: str, keys: dict, ev: dict | None, ppl: dict | None) -> None:
@@ -339,8 +381,9 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         ev = {**ev, **{k: {t: ev[k][t] for t in eval_tasks} for k in ("results", "n", "samples", "versions")}}
         if ppl_kw is not None and ppl is None:
             e = hits[suite.perplexity.task]
-            ppl = {**e["results"], "n": e["n"], "seconds": 0.0, "task": suite.perplexity.task}
-        return ev, _drop_samples(ppl), reused
+            ppl = {**e["results"], "n": e["n"], "seconds": 0.0, "task": suite.perplexity.task,
+                   "samples": baselines.samples_of(e)}
+        return ev, ppl, reused
 
     def reference_cached(quant: dict | None) -> bool:
         """Every task of this reference is in the baseline cache: nothing to load or evaluate."""
@@ -437,6 +480,22 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     out = report.run(run_dir)
     log(f"report: {out}")
     return run_dir
+
+
+def _min(*xs):
+    xs = [x for x in xs if x is not None]
+    return min(xs) if xs else None
+
+
+def _run_extra(run: evaluate.TaskRun) -> dict:
+    """What a task's evaluation depends on beyond the baseline key's fields: only where it differs from
+    the default, so keys of zero-shot plain-prompt tasks stay those of earlier versions."""
+    extra = {}
+    if run.chat_template:
+        extra["chat_template"] = True
+    if run.max_gen_toks is not None:
+        extra["max_gen_toks"] = run.max_gen_toks
+    return extra
 
 
 def _keep_train_data(path: Path, config: dict) -> None:
@@ -554,12 +613,19 @@ def _drop_samples(ppl: dict | None) -> dict | None:
 
 
 def _record(run_dir: Path, arm: str, inputs: str, ev: dict, *, train_stats: dict | None,
-            perplexity: dict | None = None, baseline: dict | None = None, eval_resources: dict | None = None) -> None:
+            perplexity: dict | None = None, baseline: dict | None = None, eval_resources: dict | None = None,
+            kl: dict | None = None) -> None:
     """Per-document records first, the arm's JSON last: the JSON's presence means the arm is done."""
-    write_samples(run_dir / "samples" / f"{arm}.csv", ev["samples"])
+    samples = dict(ev["samples"])
+    if perplexity is not None and perplexity.get("samples"):  # per-document bits per byte: paired drift
+        samples[perplexity["task"]] = perplexity["samples"]
+    perplexity = _drop_samples(perplexity)
+    write_samples(run_dir / "samples" / f"{arm}.csv", samples)
     record = {"arm": arm, "inputs": inputs, "status": "done", "results": ev["results"], "n": ev["n"],
               "versions": ev["versions"], "eval_seconds": ev["seconds"], "train": train_stats, "perplexity": perplexity,
               "eval_resources": eval_resources}
+    if kl is not None:
+        record["kl"] = kl
     if baseline is not None:
         record["baseline"] = baseline
     write_json(run_dir / "arms" / f"{arm}.json", record)

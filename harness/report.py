@@ -25,12 +25,26 @@ NF4_REFERENCE = plots.NF4_REFERENCE  # the base quantized as QLoRA loads it, no 
 HEATMAP_MIN_ARMS = 3  # a task x arm grid pays off for sweeps, not for two arms
 
 
+def _entries(config: dict) -> list[dict]:
+    """The run's evaluation entries (tasks and groups, suite and in-domain); runs before 2026-12
+    recorded only task names and metrics: each is a task of its own, higher is better."""
+    ev = config.get("evaluation")
+    if ev:
+        return ev["entries"]
+    out = [{"task": t["task"], "metric": t["metric"], "role": "suite", "kind": "task", "leaves": [t["task"]],
+            "groups": {}, "higher_is_better": {}} for t in config["suite"]["tasks"]]
+    out += [{"task": t["task"], "metric": t["metric"], "role": "in_domain", "kind": "task", "leaves": [t["task"]],
+             "groups": {}, "higher_is_better": {}} for t in config["task"]["in_domain"]]
+    return out
+
+
 def run(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     config = read_json(run_dir / "config.json")
-    suite_tasks = [t["task"] for t in config["suite"]["tasks"]]
-    metric_of = {t["task"]: t["metric"] for t in config["suite"]["tasks"] + config["task"]["in_domain"]}
-    domain_tasks = [t["task"] for t in config["task"]["in_domain"]]
+    entries = _entries(config)
+    suite_tasks = [e["task"] for e in entries if e["role"] == "suite"]
+    domain_tasks = [e["task"] for e in entries if e["role"] == "in_domain"]
+    metric_of = {leaf: e["metric"] for e in entries for leaf in e["leaves"]} | {e["task"]: e["metric"] for e in entries}
     arms, failed = _load_arms(run_dir, ["base", NF4_REFERENCE, *config["methods"]])
     if "base" not in arms:
         raise FileNotFoundError(f"{run_dir}/arms/base.json: the base evaluation is missing")
@@ -39,22 +53,29 @@ def run(run_dir: Path) -> Path:
     metrics = {"run_id": config["run_id"], "task": config["task"]["name"], "suite": config["suite"]["name"],
                "profile": config["profile"], "model": config["model"], "arms": {}, "comparisons": {}}
     for name, arm in arms.items():
+        tasks = {t: {"metric": metric_of.get(t), "score": arm["results"][t].get(metric_of.get(t)),
+                     "stderr": arm["results"][t].get(f"{_stderr_key(metric_of.get(t))}"), "n": arm["n"][t],
+                     "all": arm["results"][t]} for t in arm["results"]}
+        for e in entries:  # a group's score as lm-eval aggregates it
+            if e["kind"] == "group" and all(leaf in tasks for leaf in e["leaves"]):
+                tasks[e["task"]] = _group_score(e, tasks)
         metrics["arms"][name] = {
-            "tasks": {t: {"metric": metric_of[t], "score": arm["results"][t].get(metric_of[t]),
-                          "stderr": arm["results"][t].get(f"{metric_of[t]}_stderr"), "n": arm["n"][t],
-                          "all": arm["results"][t]} for t in arm["results"]},
+            "tasks": tasks,
             "train": arm["train"], "eval_seconds": arm["eval_seconds"], "perplexity": arm.get("perplexity"),
             "eval_resources": arm.get("eval_resources"), "baseline": arm.get("baseline"),
+            "kl": _kl_summary(arm.get("kl"), seed),
             "lm_eval": _lm_eval_results(arm),
         }
+    measurable = _measurability(arms, entries)
+    metrics["measurability"] = measurable
     for name, arm in arms.items():
         if name == "base":
             continue
-        comp = _compare(arms["base"], arm, metric_of, suite_tasks, domain_tasks, seed)
+        comp = _compare(arms["base"], arm, entries, measurable, seed)
         # QLoRA's Δ against the 16-bit base mixes two effects: quantizing the base, and training.
         # Against the 4-bit base (no adapter) it isolates what training did.
         if (arm["train"] or {}).get("method") == "qlora" and NF4_REFERENCE in arms:
-            comp["vs_nf4_base"] = _compare(arms[NF4_REFERENCE], arm, metric_of, suite_tasks, domain_tasks, seed)
+            comp["vs_nf4_base"] = _compare(arms[NF4_REFERENCE], arm, entries, measurable, seed)
         metrics["comparisons"][name] = comp
     metrics["failed_arms"] = failed
     metrics["missing_arms"] = [m for m in config["methods"] if m not in arms and m not in failed]
@@ -68,6 +89,213 @@ def run(run_dir: Path) -> Path:
     write_text(run_dir / "report.md", to_markdown(blocks))
     write_text(run_dir / "report.html", to_html(blocks, run_dir, title=_title(config)))
     return run_dir / "report.md"
+
+
+def _stderr_key(metric: str | None) -> str:
+    if not metric:
+        return ""
+    m, _, f = metric.partition(",")
+    return f"{m}_stderr" + (f",{f}" if f else "")
+
+
+def _leaf_weights(e: dict, sizes: dict[str, int]) -> dict[str, float]:
+    """Each subtask's share of a group's aggregate, as lm-eval computes it level by level: children
+    weighted by their size (weight_by_size, the default) or equally; a group without an
+    aggregate_metric_list counts its children equally."""
+    groups = e["groups"]
+
+    def size(node: str) -> int:
+        return sizes.get(node, 0) if node not in groups else sum(size(c) for c in groups[node]["children"])
+
+    def walk(node: str, share: float, out: dict) -> None:
+        if node not in groups:
+            out[node] = out.get(node, 0.0) + share
+            return
+        children = groups[node]["children"]
+        agg = groups[node]["aggregate"] or []
+        by_size = all(a.get("weight_by_size", True) for a in agg) if agg else False
+        w = [size(c) if by_size else 1 for c in children]
+        total = sum(w) or 1
+        for c, wc in zip(children, w):
+            walk(c, share * wc / total, out)
+
+    out: dict[str, float] = {}
+    walk(e["task"], 1.0, out)
+    return out
+
+
+def _group_score(e: dict, tasks: dict) -> dict:
+    sizes = {leaf: tasks[leaf]["n"] for leaf in e["leaves"]}
+    w = _leaf_weights(e, sizes)
+    scores = {leaf: tasks[leaf]["score"] for leaf in e["leaves"]}
+    score = None if any(v is None for v in scores.values()) else sum(w[t] * scores[t] for t in scores)
+    return {"metric": e["metric"], "score": score, "stderr": None, "n": sum(sizes.values()), "all": {},
+            "subtasks": e["leaves"]}
+
+
+def _kl_summary(kl: dict | None, seed: int) -> dict | None:
+    """Mean per-token KL(base || arm) per text source, with a document-level bootstrap CI."""
+    if not kl:
+        return None
+    out = {}
+    for source, v in kl.items():
+        if not isinstance(v, dict) or not v.get("docs"):
+            continue
+        docs = [d for d in v["docs"] if d[2] > 0]
+        ci = stats.weighted_mean_ci([d[1] / d[2] for d in docs], [d[2] for d in docs], n_boot=N_BOOT, seed=seed)
+        out[source] = {"task": v["task"], "max_tokens": v.get("max_tokens"), **ci}
+    return out or None
+
+
+BOOKKEEPING = ("doc_id", "doc_hash", "target", "pred", "n_choices")
+
+
+def _metric_keys(records: list[dict]) -> list[str]:
+    keys: list[str] = []
+    for r in records[:1] or []:
+        keys = [k for k in r if k not in BOOKKEEPING and not k.endswith(":w")]
+    return keys
+
+
+def _is_proportion(values) -> bool:
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return bool(v.size and ((v >= 0) & (v <= 1)).all())
+
+
+def _direction(e: dict, leaf: str, metric: str) -> bool:
+    """higher_is_better of a metric (lm-eval's, as recorded); bits per byte and perplexities: lower."""
+    name = metric.partition(",")[0]
+    hib = (e.get("higher_is_better") or {}).get(leaf, {})
+    if name in hib:
+        return bool(hib[name])
+    return not ("perplexity" in name or name == "bits_per_byte")
+
+
+def _measurability(arms: dict, entries: list[dict]) -> dict:
+    """For multiple-choice tasks: chance from the documents' choice counts, and whether the base is
+    significantly above it (one-sided, alpha 0.05). A task at chance cannot show forgetting."""
+    out = {}
+    base = arms["base"]["samples"]
+    for e in entries:
+        metric = e["metric"]
+        correct, choices = [], []
+        for leaf in e["leaves"]:
+            recs = base.get(leaf) or []
+            counts = _choice_counts(arms, leaf)
+            if not recs or not counts or metric not in recs[0]:
+                correct = None
+                break
+            for r in recs:
+                if r["doc_id"] in counts:
+                    correct.append(r[metric])
+                    choices.append(counts[r["doc_id"]])
+        if correct:
+            out[e["task"]] = stats.above_chance(correct, choices)
+    return out
+
+
+def _choice_counts(arms: dict, task: str) -> dict[int, int]:
+    """Number of choices per document, from whichever arm's records have it (cached baselines may not)."""
+    for arm in arms.values():
+        recs = arm["samples"].get(task) or []
+        if recs and "n_choices" in recs[0]:
+            return {r["doc_id"]: int(r["n_choices"]) for r in recs}
+    return {}
+
+
+def _compare(base: dict, arm: dict, entries: list[dict], measurable: dict, seed: int) -> dict:
+    """Paired statistics of one arm against a reference evaluated on the same documents: every
+    per-document metric of every task; each group's aggregate; the forgetting score (mean of the
+    suite's counted proportion-metric Δs, tasks at chance left out), learning, and drift."""
+    comp = {"tasks": {}}
+    pairs: dict[str, dict[str, tuple]] = {}
+    for task, records in arm["samples"].items():
+        if task not in base["samples"]:
+            continue
+        comp["tasks"][task] = {}
+        pairs[task] = {}
+        for metric in _metric_keys(records):
+            if metric not in (base["samples"][task][:1] or [{}])[0]:
+                continue
+            b, a = stats.align(base["samples"][task], records, metric=metric)
+            w = None
+            if f"{metric}:w" in records[0]:
+                _, w = stats.align(base["samples"][task], records, metric=f"{metric}:w")
+            if not b.size:
+                continue
+            comp["tasks"][task][metric] = stats.paired_delta(b, a, n_boot=N_BOOT, seed=seed, weights=w)
+            comp["tasks"][task][metric]["proportion"] = _is_proportion(b) and _is_proportion(a)
+            pairs[task][metric] = (b, a) if w is None else (b, a, w)
+    counted: dict[str, tuple] = {}
+    for e in entries:
+        metric, name = e["metric"], e["task"]
+        if not all(metric in pairs.get(leaf, {}) for leaf in e["leaves"]):
+            continue
+        if e["kind"] == "group":
+            sizes = {leaf: len(pairs[leaf][metric][0]) for leaf in e["leaves"]}
+            w = _leaf_weights(e, sizes)
+            sub = {leaf: pairs[leaf][metric] for leaf in e["leaves"]}
+            c = stats.aggregate_delta(sub, n_boot=N_BOOT, seed=seed, task_weights=w)
+            c["proportion"] = all(comp["tasks"][leaf][metric]["proportion"] for leaf in e["leaves"])
+            comp["tasks"].setdefault(name, {})[metric] = c
+            counted[name] = ("group", sub, w, c["proportion"])
+        else:
+            counted[name] = ("task", pairs[name][metric], None, comp["tasks"][name][metric]["proportion"])
+    comp["excluded"] = {}
+
+    def score(role: str):
+        chosen = {}
+        for e in entries:
+            if e["role"] != role or e["task"] not in counted:
+                continue
+            kind, pair, w, proportion = counted[e["task"]]
+            if not proportion:
+                comp["excluded"][e["task"]] = "not a proportion: reported beside the score, not in it"
+                continue
+            if not _direction(e, e["leaves"][0], e["metric"]):
+                comp["excluded"][e["task"]] = "lower is better: reported beside the score"
+                continue
+            m = measurable.get(e["task"])
+            if role == "suite" and m is not None and not m["above_chance"]:
+                comp["excluded"][e["task"]] = (f"at chance: cannot show forgetting (base {100 * m['score']:.1f} vs "
+                                               f"chance {100 * m['chance']:.1f}, p={m['p_value']:.2g})")
+                continue
+            if kind == "group":  # a group counts as one entry: its own aggregate's replicates
+                chosen[e["task"]] = _group_pair(pair, w)
+            else:
+                chosen[e["task"]] = pair
+        return stats.aggregate_delta(chosen, n_boot=N_BOOT, seed=seed) if chosen else None
+
+    comp["forgetting"] = score("suite")
+    # Biderman et al. average plain accuracy of the three tasks, whatever metric the suite counts.
+    bid = {t: stats.align(base["samples"][t], arm["samples"][t], metric="acc") for t in stats.BIDERMAN_TASKS
+           if t in arm["samples"] and t in base["samples"] and "acc" in (arm["samples"][t][:1] or [{}])[0]}
+    comp["biderman"] = stats.biderman_delta(bid, n_boot=N_BOOT, seed=seed) if len(bid) == 3 else None
+    comp["learning"] = score("in_domain")
+    base_ppl, arm_ppl = base.get("perplexity"), arm.get("perplexity")
+    comp["perplexity"] = stats.perplexity_drift(base_ppl, arm_ppl) if base_ppl and arm_ppl else None
+    if comp["perplexity"] is not None and base_ppl.get("task") in comp["tasks"]:
+        bpb = comp["tasks"][base_ppl["task"]].get("bits_per_byte")
+        if bpb:
+            comp["perplexity"]["bits_per_byte_paired"] = bpb
+    return comp
+
+
+def _group_pair(sub: dict, w: dict) -> tuple:
+    """A group's subtasks as one pseudo-task whose mean is the group's weighted aggregate: each document
+    weighted by its subtask's share divided by the subtask's size (weights carried per document)."""
+    import numpy as np
+
+    bs, as_, ws = [], [], []
+    for leaf, pair in sub.items():
+        b, a = pair[0], pair[1]
+        dw = pair[2] / pair[2].sum() if len(pair) > 2 else np.full(b.size, 1.0 / b.size)
+        bs.append(b)
+        as_.append(a)
+        ws.append(w[leaf] * dw)
+    return np.concatenate(bs), np.concatenate(as_), np.concatenate(ws)
 
 
 def _lm_eval_results(arm: dict) -> dict:
@@ -96,33 +324,6 @@ def _provenance(config: dict) -> dict:
             "wall_seconds": config.get("wall_seconds")}
 
 
-def _compare(base: dict, arm: dict, metric_of: dict, suite_tasks: list[str], domain_tasks: list[str],
-             seed: int) -> dict:
-    """Paired statistics of one arm against a reference evaluated on the same documents."""
-    comp = {"tasks": {}}
-    pairs = {}
-    for task, records in arm["samples"].items():
-        comp["tasks"][task] = {}
-        for metric in ("acc", "acc_norm"):
-            if metric not in records[0]:
-                continue
-            b, a = stats.align(base["samples"][task], records, metric=metric)
-            comp["tasks"][task][metric] = stats.paired_delta(b, a, n_boot=N_BOOT, seed=seed)
-            if metric == metric_of.get(task):
-                pairs[task] = (b, a)
-    general = {t: pairs[t] for t in suite_tasks if t in pairs}
-    comp["forgetting"] = stats.aggregate_delta(general, n_boot=N_BOOT, seed=seed) if general else None
-    # Biderman et al. average plain accuracy of the three tasks, whatever metric the suite counts.
-    bid = {t: stats.align(base["samples"][t], arm["samples"][t], metric="acc") for t in stats.BIDERMAN_TASKS
-           if t in arm["samples"]}
-    comp["biderman"] = stats.biderman_delta(bid, n_boot=N_BOOT, seed=seed) if len(bid) == 3 else None
-    domain = {t: pairs[t] for t in domain_tasks if t in pairs}
-    comp["learning"] = stats.aggregate_delta(domain, n_boot=N_BOOT, seed=seed) if domain else None
-    base_ppl, arm_ppl = base.get("perplexity"), arm.get("perplexity")
-    comp["perplexity"] = stats.perplexity_drift(base_ppl, arm_ppl) if base_ppl and arm_ppl else None
-    return comp
-
-
 def _load_arms(run_dir: Path, names: list[str]) -> tuple[dict, dict]:
     """Evaluated arms with their per-document records; and {arm: error} for arms recorded as failed."""
     arms, failed = {}, {}
@@ -146,11 +347,12 @@ def _interval(c: dict) -> str:
     return f"95% CI [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]"
 
 
-def _ci(c: dict | None, scale: float = 100.0) -> str:
+def _ci(c: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     if not c:
         return "n/a"
     sig = "" if c["significant"] else ", not significant"
-    return f"{scale * c['delta']:+.1f} [{scale * c['ci_low']:+.1f}, {scale * c['ci_high']:+.1f}]{sig}"
+    f = f"+.{digits}f"
+    return f"{scale * c['delta']:{f}} [{scale * c['ci_low']:{f}}, {scale * c['ci_high']:{f}}]{sig}"
 
 
 def summary(metrics: dict, suite_tasks: list[str], domain_tasks: list[str]) -> str:
@@ -230,23 +432,27 @@ def _csv(metrics: dict, suite_tasks: list[str]) -> str:
     w.writeheader()
     for arm, a in metrics["arms"].items():
         for task, t in a["tasks"].items():
-            for metric in ("acc", "acc_norm"):
-                if metric not in t["all"]:
-                    continue
+            names = [k for k in t["all"] if "_stderr" not in k] or [t["metric"]]
+            for metric in names:
                 row = {"arm": arm, "task": task, "kind": "general" if task in suite_tasks else "in_domain",
-                       "metric": metric, "counted": metric == t["metric"], "score": t["all"][metric],
-                       "stderr": t["all"].get(f"{metric}_stderr"), "n": t["n"]}
+                       "metric": metric, "counted": metric == t["metric"],
+                       "score": t["all"].get(metric, t["score"] if metric == t["metric"] else None),
+                       "stderr": t["all"].get(_stderr_key(metric)), "n": t["n"]}
                 c = metrics["comparisons"].get(arm, {}).get("tasks", {}).get(task, {}).get(metric)
                 if c:
-                    row.update({k: c[k] for k in ("delta", "ci_low", "ci_high", "significant", "mcnemar_p",
-                                                  "forgotten", "gained")})
+                    row.update({k: c.get(k) for k in ("delta", "ci_low", "ci_high", "significant", "mcnemar_p",
+                                                      "forgotten", "gained")})
                 w.writerow(row)
     return buf.getvalue()
 
 
-def _fmt(x, pct=True):
+def _fmt(x, pct=True, digits=None):
     if x is None:
         return "n/a"
+    if isinstance(x, float) and x == float("inf"):
+        return "inf (collapsed)"
+    if digits is not None:
+        return f"{100 * x:.{digits}f}" if pct else f"{x:,.{digits}f}"
     return f"{100 * x:.1f}" if pct else f"{x:,.0f}"
 
 
@@ -265,6 +471,7 @@ def _dtype(saved: dict) -> str:
 
 
 def _score_table(metrics: dict, tasks: list[str]) -> tuple:
+    """Arms as columns for a few arms; each score in percent where the metric is a proportion, else as is."""
     arms = [a for a in metrics["arms"] if a != "base"]
     header = ["task", "metric", "n", "base"] + [c for a in arms for c in (a, f"Δ {a} [95% CI]")]
     rows = []
@@ -272,11 +479,17 @@ def _score_table(metrics: dict, tasks: list[str]) -> tuple:
         b = metrics["arms"]["base"]["tasks"].get(task)
         if b is None:
             continue
-        row = [task, b["metric"], b["n"], _fmt(b["score"])]
-        for a in arms:
+        comps = [metrics["comparisons"][a]["tasks"].get(task, {}).get(b["metric"]) for a in arms]
+        pct = next((c["proportion"] for c in comps if c and "proportion" in c), True)
+        m = metrics.get("measurability", {}).get(task)
+        name = task + (" (group)" if b.get("subtasks") else "")
+        if m is not None and not m["above_chance"]:
+            name += f" — at chance ({100 * m['chance']:.0f}%): cannot show forgetting"
+        row = [name, b["metric"], b["n"], _fmt(b["score"], pct=pct, digits=1 if pct else 4)]
+        for a, c in zip(arms, comps):
             t = metrics["arms"][a]["tasks"].get(task)
-            c = metrics["comparisons"][a]["tasks"].get(task, {}).get(b["metric"])
-            row += [_fmt(t["score"]) if t else "n/a", _ci(c)]
+            row += [_fmt(t["score"], pct=pct, digits=1 if pct else 4) if t else "n/a",
+                    _ci(c, scale=100.0 if pct else 1.0, digits=1 if pct else 4)]
         rows.append(row)
     return ("table", header, rows)
 
@@ -335,7 +548,7 @@ def _document(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
               "where the CI spans 0 the change is *not significant*."),
         ("h", 2, "General benchmarks (forgetting)"), _score_table(metrics, suite_tasks),
         ("h", 2, "In-domain (learning)"), _score_table(metrics, domain_tasks),
-        *_aggregates(metrics), *_perplexity(metrics), *_flips(metrics, suite_tasks + domain_tasks),
+        *_aggregates(metrics), *_drift(metrics), *_perplexity(metrics), *_flips(metrics, suite_tasks + domain_tasks),
         *_training(metrics), *_resources(metrics),
         ("h", 2, "Plots"),
     ]
@@ -363,6 +576,43 @@ def _aggregates(metrics: dict) -> list[tuple]:
     return [("h", 2, "Aggregates"), ("table", header, rows)]
 
 
+def _kl_cell(k: dict | None) -> str:
+    if not k:
+        return "n/a"
+    return f"{k['mean']:.4f} [{k['ci_low']:.4f}, {k['ci_high']:.4f}] ({k['n']} docs)"
+
+
+def _drift(metrics: dict) -> list[tuple]:
+    """Distribution drift beside the forgetting score (not mixed into it): KL(base || arm) per token on
+    general text and on domain prompts, and the paired change in bits per byte on general text."""
+    rows = []
+    for arm, a in metrics["arms"].items():
+        if arm == "base":
+            continue
+        kl = a.get("kl") or {}
+        bpb = ((metrics["comparisons"].get(arm) or {}).get("perplexity") or {}).get("bits_per_byte_paired")
+        rows.append([arm, _kl_cell(kl.get("general")), _kl_cell(kl.get("domain")),
+                     _ci(bpb, scale=1.0, digits=4) if bpb else "n/a"])
+    if not any(r[1] != "n/a" or r[2] != "n/a" or r[3] != "n/a" for r in rows):
+        return []
+    src = next((a["kl"] for a in metrics["arms"].values() if a.get("kl")), {}) or {}
+    where = ", ".join(f"{k}: `{v['task']}`" for k, v in src.items())
+    notes = []
+    for arm, c in metrics["comparisons"].items():
+        for task, why in (c.get("excluded") or {}).items():
+            notes.append(f"{task}: {why}")
+    blocks = [("h", 2, "Distribution drift"),
+              ("p", "Mean per-token KL(base ‖ arm) of the next-token distributions over the same tokens, in nats, "
+                    f"with a document-level bootstrap 95% CI ({where}; first "
+                    f"{next((v.get('max_tokens') for v in src.values()), 'n/a')} tokens per document; Shenfeld et al. "
+                    "2025). Bits per byte: paired per document on the general text (lower is better; a rise is drift). "
+                    "Reported beside the forgetting score, not in it."),
+              ("table", ["arm", "KL general text", "KL domain prompts", "Δ bits per byte (general) [95% CI]"], rows)]
+    if notes:
+        blocks.append(("p", "Left out of the forgetting score: " + "; ".join(sorted(set(notes))) + "."))
+    return blocks
+
+
 def _perplexity(metrics: dict) -> list[tuple]:
     ppl_rows = [(arm, c["perplexity"]) for arm, c in metrics["comparisons"].items() if c.get("perplexity")]
     if not ppl_rows:
@@ -371,16 +621,30 @@ def _perplexity(metrics: dict) -> list[tuple]:
     rows = [["base", f"{base_ppl['word_perplexity']:.3f}", "", f"{base_ppl['bits_per_byte']:.4f}", ""]]
     for arm, d in ppl_rows:
         w, b = d["word_perplexity"], d["bits_per_byte"]
-        rows.append([arm, f"{w['arm']:.3f}", f"{w['delta']:+.3f} ({w['rel_pct']:+.1f}%)", f"{b['arm']:.4f}",
-                     f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%)"])
+        rows.append([arm, _ppl(w["arm"]), _rel(w), f"{b['arm']:.4f}", f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%)"])
         q = (metrics["comparisons"][arm].get("vs_nf4_base") or {}).get("perplexity")
         if q:
             w, b = q["word_perplexity"], q["bits_per_byte"]
-            rows.append([f"{arm} vs {NF4_REFERENCE}", "", f"{w['delta']:+.3f} ({w['rel_pct']:+.1f}%)", "",
+            rows.append([f"{arm} vs {NF4_REFERENCE}", "", _rel(w), "",
                          f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%)"])
     return [("h", 2, f"Perplexity drift ({base_ppl['task']}, {base_ppl['n']} documents)"),
             ("p", "Lower is better; a rise means the arm models general text worse than the base."),
             ("table", ["arm", "word perplexity", "Δ", "bits per byte", "Δ"], rows)]
+
+
+COLLAPSED_RATIO = 10.0  # a perplexity 10x the base's: the model no longer models the text
+
+
+def _ppl(x: float) -> str:
+    return "inf (collapsed)" if x == float("inf") else f"{x:,.3f}"
+
+
+def _rel(d: dict) -> str:
+    """A perplexity change; a blow-up is flagged as collapsed with its ratio, never a seven-digit percentage."""
+    if d["arm"] == float("inf") or (d["base"] and d["arm"] / d["base"] >= COLLAPSED_RATIO):
+        ratio = "inf" if d["arm"] == float("inf") else f"{d['arm'] / d['base']:,.0f}x"
+        return f"collapsed ({ratio} the base)"
+    return f"{d['delta']:+.3f} ({d['rel_pct']:+.1f}%)"
 
 
 def _flips(metrics: dict, tasks: list[str]) -> list[tuple]:

@@ -97,6 +97,29 @@ def _is_binary(x: np.ndarray) -> bool:
     return bool(np.isin(x, (0.0, 1.0)).all())
 
 
+def _boot_weighted(d: np.ndarray, w: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Weighted means sum(w d) / sum(w) of ``n_boot`` resamples of documents (each keeping its weight):
+    the paired bootstrap of a ratio-of-sums aggregate such as bits per byte or instruction-level accuracy."""
+    n = d.size
+    out = np.empty(n_boot)
+    chunk = max(1, min(n_boot, _CHUNK_BYTES // (16 * n)))
+    wd = w * d
+    for start in range(0, n_boot, chunk):
+        stop = min(start + chunk, n_boot)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=stop - start).astype(float)
+        out[start:stop] = (counts @ wd) / np.maximum(counts @ w, 1e-300)
+    return out
+
+
+def _weights(weights, n: int) -> np.ndarray:
+    w = np.asarray(weights, dtype=float).ravel()
+    if w.size != n:
+        raise ValueError(f"weights have {w.size} entries for {n} documents")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("weights must be finite, non-negative and not all zero")
+    return w
+
+
 def paired_delta(
     base: np.ndarray,
     arm: np.ndarray,
@@ -104,28 +127,39 @@ def paired_delta(
     n_boot: int = 10000,
     seed: int = 0,
     alpha: float = 0.05,
+    weights: np.ndarray | None = None,
 ) -> dict:
     """Per-document paired comparison of ``arm`` against ``base`` on one task.
 
     ``ci_low``/``ci_high`` are the percentile paired-bootstrap interval of
     ``delta = mean(arm) - mean(base)``; ``significant`` means it excludes 0.
-    Flip counts and the exact McNemar p-value are filled only for 0/1 scores.
+    With ``weights`` (one per document, e.g. its bytes) the means are weighted
+    (sum(w x) / sum(w)), as lm-eval aggregates bits per byte, and documents are
+    resampled with their weights. Flip counts and the exact McNemar p-value are
+    filled only for 0/1 scores.
     """
     _check_boot_args(n_boot, alpha)
     b, a = _as_pair(base, arm)
     n = b.size
     d = a - b
-    base_mean, arm_mean = float(b.mean()), float(a.mean())
-    ci_low, ci_high = _ci(_boot_means(d, n_boot, np.random.default_rng(seed)), alpha)
+    if weights is None:
+        base_mean, arm_mean = float(b.mean()), float(a.mean())
+        boot = _boot_means(d, n_boot, np.random.default_rng(seed))
+    else:
+        w = _weights(weights, n)
+        base_mean, arm_mean = float(w @ b / w.sum()), float(w @ a / w.sum())
+        boot = _boot_weighted(d, w, n_boot, np.random.default_rng(seed))
+    ci_low, ci_high = _ci(boot, alpha)
 
     out: dict = {
         "n": int(n),
         "base": base_mean,
         "arm": arm_mean,
-        "delta": float(d.mean()),
+        "delta": arm_mean - base_mean if weights is not None else float(d.mean()),
         "ci_low": ci_low,
         "ci_high": ci_high,
         "significant": bool(ci_low > 0 or ci_high < 0),
+        "detectable": detectable_delta(d, b, alpha=alpha) if weights is None else None,
         "rel_drop_pct": None if base_mean == 0 else 100.0 * (base_mean - arm_mean) / base_mean,
         "forgotten": None,
         "gained": None,
@@ -150,48 +184,112 @@ def paired_delta(
 
 
 def aggregate_delta(
-    pairs: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    pairs: Mapping[str, tuple],
     *,
     n_boot: int = 10000,
     seed: int = 0,
     alpha: float = 0.05,
+    task_weights: Mapping[str, float] | None = None,
 ) -> dict:
-    """Unweighted mean over tasks of (arm mean - base mean), with a CI.
+    """Mean over tasks of (arm mean - base mean), with a CI; unweighted unless ``task_weights``.
 
     Each task is a stratum: documents are resampled within it independently
-    and the task deltas are averaged per replicate, so every task keeps equal
+    and the task deltas are averaged per replicate, so every task keeps its
     weight regardless of size (matching how the point estimate is defined).
+    A pair may carry per-document weights as a third element (see paired_delta).
+    ``task_weights`` (normalised here) give an lm-eval group's aggregate, e.g.
+    weighted by subtask size.
     """
     _check_boot_args(n_boot, alpha)
     if not pairs:
         raise ValueError("aggregate_delta needs at least one task")
     rng = np.random.default_rng(seed)
     tasks = list(pairs)
+    if task_weights is None:
+        tw = np.full(len(tasks), 1.0 / len(tasks))
+    else:
+        tw = np.asarray([float(task_weights[t]) for t in tasks])
+        tw = tw / tw.sum()
     boot = np.zeros(n_boot)
     deltas, base_means, arm_means, sizes = [], [], [], {}
-    for task in tasks:
+    for task, wt in zip(tasks, tw):
         try:
-            b, a = _as_pair(*pairs[task])
+            b, a = _as_pair(*pairs[task][:2])
         except ValueError as exc:
             raise ValueError(f"task {task!r}: {exc}") from exc
         d = a - b
-        deltas.append(float(d.mean()))
-        base_means.append(float(b.mean()))
-        arm_means.append(float(a.mean()))
+        w = pairs[task][2] if len(pairs[task]) > 2 else None
+        if w is None:
+            deltas.append(float(d.mean()))
+            base_means.append(float(b.mean()))
+            arm_means.append(float(a.mean()))
+            task_boot = _boot_means(d, n_boot, rng)
+        else:
+            w = _weights(w, b.size)
+            base_means.append(float(w @ b / w.sum()))
+            arm_means.append(float(w @ a / w.sum()))
+            deltas.append(arm_means[-1] - base_means[-1])
+            task_boot = _boot_weighted(d, w, n_boot, rng)
         sizes[task] = int(b.size)
-        boot += _boot_means(d, n_boot, rng)
-    boot /= len(tasks)
+        if task_weights is None:
+            boot += task_boot
+        else:
+            boot += wt * task_boot
+    if task_weights is None:
+        boot /= len(tasks)
     ci_low, ci_high = _ci(boot, alpha)
     return {
         "tasks": tasks,
         "n": sizes,
-        "delta": float(np.mean(deltas)),
+        "delta": float(np.mean(deltas)) if task_weights is None else float(tw @ np.asarray(deltas)),
         "ci_low": ci_low,
         "ci_high": ci_high,
         "significant": bool(ci_low > 0 or ci_high < 0),
-        "base": float(np.mean(base_means)),
-        "arm": float(np.mean(arm_means)),
+        "base": float(np.mean(base_means)) if task_weights is None else float(tw @ np.asarray(base_means)),
+        "arm": float(np.mean(arm_means)) if task_weights is None else float(tw @ np.asarray(arm_means)),
     }
+
+
+def detectable_delta(d: np.ndarray, base: np.ndarray, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest |Δ| a paired test at this n detects with the given power (two-sided alpha):
+    (z_{1-alpha/2} + z_power) * sd(d) / sqrt(n). Where no document changed (sd 0), the spread of two
+    independent draws from the base's scores stands in, sqrt(2) * sd(base): a change of that size is
+    what a fresh arm would have to show."""
+    from scipy.stats import norm
+
+    n = d.size
+    sd = float(np.std(d, ddof=1)) if n > 1 else 0.0
+    if sd == 0.0:
+        sd = float(np.sqrt(2.0) * np.std(base, ddof=1)) if n > 1 else 0.0
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd / np.sqrt(max(n, 1)))
+
+
+def above_chance(correct: np.ndarray, n_choices: np.ndarray, *, alpha: float = 0.05) -> dict:
+    """Is the base's accuracy above guessing? Chance is the mean of 1/choices over the documents; the
+    one-sided test is the normal approximation to the Poisson-binomial count of right answers under
+    guessing (exact enough at the tens of documents a quick profile scores, and beyond)."""
+    from scipy.stats import norm
+
+    x = np.asarray(correct, dtype=float)
+    p = 1.0 / np.asarray(n_choices, dtype=float)
+    if x.size == 0 or x.size != p.size:
+        raise ValueError("above_chance needs one choice count per document")
+    var = float(np.sum(p * (1 - p)))
+    z = (x.sum() - p.sum()) / np.sqrt(var) if var > 0 else 0.0
+    pval = float(norm.sf(z))
+    return {"chance": float(p.mean()), "score": float(x.mean()), "n": int(x.size), "p_value": pval,
+            "above_chance": bool(pval < alpha)}
+
+
+def weighted_mean_ci(values, weights, *, n_boot: int = 10000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """sum(w v) / sum(w) with a document-level bootstrap CI (e.g. mean per-token KL, w = tokens)."""
+    _check_boot_args(n_boot, alpha)
+    v = np.asarray(values, dtype=float).ravel()
+    if v.size == 0:
+        raise ValueError("weighted_mean_ci needs at least one document")
+    w = _weights(weights, v.size)
+    lo, hi = _ci(_boot_weighted(v, w, n_boot, np.random.default_rng(seed)), alpha)
+    return {"mean": float(w @ v / w.sum()), "ci_low": lo, "ci_high": hi, "n": int(v.size), "weight": float(w.sum())}
 
 
 def biderman_aggregate(scores: Mapping[str, float | None]) -> float | None:

@@ -140,7 +140,21 @@ CASES = [
      ["checkpoint-2/model.safetensors: corrupt or truncated"]),
     ("disk-too-small", "disk", ["work directory", "needed for the checkpoints of full", "only 0.0 GB (10000 bytes) free"]),
     ("resume-not-a-run", lambda e: ["--resume", str(e.tmp)], ["--resume", "no config.json there"]),
+    ("unknown-filter", lambda e: _suite(e, [{"task": "arc_easy", "metric": "acc,strict-match"}]),
+     ["task arc_easy has no filter 'strict-match'", "its filters: none"]),
+    ("unknown-metric", lambda e: _suite(e, [{"task": "arc_easy", "metric": "exact_match"}]),
+     ["task arc_easy logs no metric 'exact_match'", "acc, acc_norm"]),
+    ("negative-fewshot", lambda e: _suite(e, [{"task": "arc_easy", "metric": "acc", "num_fewshot": -1}]),
+     ["arc_easy: num_fewshot must be >= 0, got -1"]),
+    ("suite-option-unknown", lambda e: ["--suite", "nosuch"], ["unknown suite 'nosuch'"]),
+    ("ifeval-without-nltk-data", "nltk", ["task ifeval", "punkt_tab", "set NLTK_DATA"]),
 ]
+
+
+def _suite(env: Env, tasks: list[dict]) -> list[str]:
+    path = env.tmp / "suite.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "tasks": tasks}))
+    return ["--suite", str(path)]
 
 
 def _garbled(env: Env) -> str:
@@ -160,6 +174,12 @@ def test_bad_input(case, build, expected, tmp_path, tiny_model, tiny_task, mirro
     if build == "disk":
         _disk_full(monkeypatch)
         extra = []
+    elif build == "nltk":  # IFEval's data lookup: an empty NLTK path, as on a machine without the data
+        import nltk
+
+        monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no-nltk-data")])
+        monkeypatch.setenv("NLTK_DATA", str(tmp_path / "no-nltk-data"))
+        extra = ["--suite", "instruct"]
     else:
         extra = build(env)
     args = ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--mirror", str(mirror),
@@ -172,7 +192,8 @@ def test_bad_input(case, build, expected, tmp_path, tiny_model, tiny_task, mirro
     error = next((ln for ln in lines if ln.startswith("Error")), "")
     print(f"{case}: {error}")  # the table of inputs and error lines, for the record
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
     for words in expected:
         assert words in error, f"{words!r} not in {error!r}"
     # Nothing recorded as done: no config, arm record, report or trained weights.

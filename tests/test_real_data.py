@@ -53,3 +53,33 @@ def test_smollm2_from_gguf_evaluates_real_documents(mirror):
         assert len(ev["samples"][task]) == 6
     # The converted copy is found in the cache next time.
     assert models.resolve_model("smollm2-135m-instruct").source == "cache"
+
+
+SHARED_NLTK = SHARED_MIRROR.parent / "nltk_data"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_MIRROR / "google/IFEval").is_dir() or not SHARED_NLTK.is_dir(),
+                    reason="no IFEval in the mirror, or no ../shared/nltk_data")
+def test_smollm2_follows_ifeval_prompts_through_its_chat_template(monkeypatch):
+    import nltk
+
+    monkeypatch.setenv("NLTK_DATA", str(SHARED_NLTK))
+    monkeypatch.setattr(nltk.data, "path", [str(SHARED_NLTK), *nltk.data.path])
+    resolved = models.resolve_model("smollm2-135m-instruct")
+    tok = models.load_tokenizer(resolved.path)
+    assert tok.chat_template  # what apply_chat_template renders the prompts with
+    model = models.load_base(resolved.path)
+    run = evaluate.TaskRun("ifeval", chat_template=True, max_gen_toks=48, limit=3)
+    ev = evaluate.evaluate(model, tok, [run], mirror=SHARED_MIRROR, batch_size=3)
+    recs = ev["samples"]["ifeval"]
+    assert ev["n"]["ifeval"] == 3 and len(recs) == 3
+    for r in recs:
+        for key in ("prompt_level_strict_acc", "prompt_level_loose_acc"):
+            assert r[key] in (0.0, 1.0)
+        for key in ("inst_level_strict_acc", "inst_level_loose_acc"):
+            assert 0.0 <= r[key] <= 1.0 and r[f"{key}:w"] >= 1  # fraction followed, over this many instructions
+    # lm-eval's instruction-level aggregate is the weighted mean of the per-prompt fractions.
+    w = sum(r["inst_level_strict_acc:w"] for r in recs)
+    assert ev["results"]["ifeval"]["inst_level_strict_acc"] == pytest.approx(
+        sum(r["inst_level_strict_acc"] * r["inst_level_strict_acc:w"] for r in recs) / w)

@@ -1,0 +1,210 @@
+"""Evaluation beyond multiple choice, on the tiny Llama: generate_until tasks and their filters, groups,
+per-task few-shot, perplexity tasks paired per document, KL drift, the at-chance flag, and a free-text
+domain trained end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from harness import drift, evaluate, models, stats
+from harness.cli import cli
+from conftest import WORDS, write_jsonl
+
+QA_TASK = {
+    "task": "tiny_qa", "dataset_path": "tiny/qa", "dataset_name": None, "output_type": "generate_until",
+    "training_split": "train", "validation_split": "validation", "test_split": None,
+    "doc_to_text": "question: {{question}} answer:", "doc_to_target": "{{answer}}", "target_delimiter": " ",
+    "generation_kwargs": {"until": ["?"], "max_gen_toks": 3, "do_sample": False},
+    "filter_list": [{"name": "whole", "filter": [{"function": "take_first"}]},
+                    {"name": "first-word", "filter": [{"function": "regex", "regex_pattern": r"(\w+)"},
+                                                      {"function": "take_first"}]}],
+    "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    "metadata": {"version": 1.0},
+}
+QA_TEXT = {"task": "tiny_qa_text", "dataset_path": "tiny/qa", "dataset_name": None,
+           "output_type": "loglikelihood_rolling", "test_split": None, "validation_split": "validation",
+           "doc_to_text": "", "doc_to_target": "{{question}} {{answer}}",
+           "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+           "metadata": {"version": 1.0}}
+GROUP = {"group": "tiny_group", "task": ["arc_easy", "boolq"],
+         "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
+         "metadata": {"version": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def extra(tmp_path_factory, mirror):
+    """A question-answer dataset in the mirror, its generate_until task and a group, in an include dir."""
+    rng = random.Random(1)
+    for split, n in (("train", 32), ("validation", 10)):
+        write_jsonl(mirror / f"tiny/qa/default/{split}.jsonl",
+                    [{"question": " ".join(rng.choice(WORDS) for _ in range(5)), "answer": rng.choice(WORDS)}
+                     for _ in range(n)])
+    d = tmp_path_factory.mktemp("include")
+    (d / "tiny_qa.yaml").write_text(yaml.safe_dump(QA_TASK))
+    (d / "tiny_group.yaml").write_text(yaml.safe_dump(GROUP))
+    (d / "tiny_qa_text.yaml").write_text(yaml.safe_dump(QA_TEXT))
+    evaluate.set_include_paths([str(d)])
+    yield d
+    evaluate.set_include_paths([])
+
+
+def test_group_expands_to_its_subtasks_with_lm_evals_weights(extra):
+    ex = evaluate.expand("tiny_group")
+    assert ex["kind"] == "group" and ex["leaves"] == ["arc_easy", "boolq"]
+    assert ex["groups"]["tiny_group"]["aggregate"] == [{"metric": "acc", "filter_list": ["none"], "weight_by_size": True}]
+    from harness.report import _leaf_weights
+
+    entry = {"task": "tiny_group", "groups": ex["groups"]}
+    assert _leaf_weights(entry, {"arc_easy": 30, "boolq": 10}) == pytest.approx({"arc_easy": 0.75, "boolq": 0.25})
+    unweighted = {"task": "g", "groups": {"g": {"children": ["a", "b"], "aggregate": [{"metric": "acc",
+                                                                                       "weight_by_size": False}]}}}
+    assert _leaf_weights(unweighted, {"a": 30, "b": 10}) == pytest.approx({"a": 0.5, "b": 0.5})
+
+
+def test_generate_until_records_every_filter_as_its_own_metric(extra, tiny_model, mirror):
+    model = models.load_base(str(tiny_model))
+    tok = models.load_tokenizer(str(tiny_model))
+    ev = evaluate.evaluate(model, tok, [evaluate.TaskRun("tiny_qa", max_gen_toks=2)], mirror=mirror, batch_size=4)
+    recs = ev["samples"]["tiny_qa"]
+    assert len(recs) == 10 and [r["doc_id"] for r in recs] == list(range(10))  # one record per document
+    for r in recs:
+        assert set(r) >= {"exact_match,whole", "exact_match,first-word"}
+        assert r["exact_match,whole"] in (0.0, 1.0)
+    # The aggregate is the mean of the per-document values, filter by filter.
+    for key in ("exact_match,whole", "exact_match,first-word"):
+        assert ev["results"]["tiny_qa"][key] == pytest.approx(np.mean([r[key] for r in recs]))
+
+
+def test_known_exact_match_delta_is_paired_per_document():
+    base = [{"doc_id": i, "doc_hash": None, "exact_match,strict-match": float(i < 6)} for i in range(10)]
+    arm = [{"doc_id": i, "doc_hash": None, "exact_match,strict-match": float(i < 3 or i == 9)} for i in range(10)]
+    b, a = stats.align(base, arm, metric="exact_match,strict-match")
+    d = stats.paired_delta(b, a, n_boot=2000)
+    assert d["delta"] == pytest.approx(-0.2) and d["forgotten"] == 3 and d["gained"] == 1
+
+
+def test_per_task_fewshot_changes_the_prompt(extra, tiny_model, mirror):
+    model = models.load_base(str(tiny_model))
+    tok = models.load_tokenizer(str(tiny_model))
+    runs = [evaluate.TaskRun("boolq", num_fewshot=0, limit=4), evaluate.TaskRun("arc_easy", num_fewshot=0, limit=4)]
+    zero = evaluate.evaluate(model, tok, runs, mirror=mirror, batch_size=4, raw=True)["raw"]
+    runs[0] = evaluate.TaskRun("boolq", num_fewshot=2, limit=4)
+    two = evaluate.evaluate(model, tok, runs, mirror=mirror, batch_size=4, raw=True)["raw"]
+    assert two["arc_easy"] == zero["arc_easy"]  # its own few-shot count, untouched
+    assert two["boolq"] != zero["boolq"]  # two examples before each question
+    assert evaluate.eval_task("boolq", mirror=mirror)._harness_dump == evaluate.eval_task(
+        "boolq", mirror=mirror)._harness_dump  # the hashed config is the one built, not the run's setting
+    from harness import baselines
+
+    baselines.task_sha256.cache_clear()
+    sha_after = baselines.task_sha256("boolq", mirror)
+    evaluate.evaluate(model, tok, [evaluate.TaskRun("boolq", num_fewshot=0, limit=2)], mirror=mirror, batch_size=4)
+    baselines.task_sha256.cache_clear()
+    assert baselines.task_sha256("boolq", mirror) == sha_after
+
+
+def test_weighted_paired_delta_is_the_ratio_of_sums():
+    # bits per byte of two documents: 1.0 over 100 bytes, 3.0 over 300 bytes -> (100 + 900) / 400 = 2.5
+    b = np.array([1.0, 3.0])
+    a = np.array([1.5, 3.0])
+    d = stats.paired_delta(b, a, weights=np.array([100.0, 300.0]), n_boot=500)
+    assert d["base"] == pytest.approx(2.5) and d["arm"] == pytest.approx(2.625)
+    assert d["delta"] == pytest.approx(0.125)
+
+
+def test_at_chance_flag():
+    rng = np.random.default_rng(0)
+    guessing = rng.random(400) < 0.25  # four choices, answered at random
+    assert not stats.above_chance(guessing, np.full(400, 4))["above_chance"]
+    knowing = rng.random(400) < 0.45
+    r = stats.above_chance(knowing, np.full(400, 4))
+    assert r["above_chance"] and r["chance"] == pytest.approx(0.25)
+    mixed = stats.above_chance(np.ones(10), np.array([2] * 5 + [4] * 5))
+    assert mixed["chance"] == pytest.approx(0.375)
+
+
+def test_kl_is_zero_for_the_same_model_and_positive_after_a_change(tiny_model):
+    import torch
+
+    base = models.load_base(str(tiny_model))
+    same = models.load_base(str(tiny_model))
+    tok = models.load_tokenizer(str(tiny_model))
+    docs = [(0, "market rises on strong earnings"), (1, "the bank will cut the rate")]
+    zero = drift.kl_per_document(base, same, tok, docs, max_tokens=64)
+    assert [d[1] for d in zero] == [0.0, 0.0] and all(d[2] > 0 for d in zero)
+    with torch.no_grad():
+        same.model.layers[0].mlp.up_proj.weight.add_(0.5)
+    moved = drift.kl_per_document(base, same, tok, docs, max_tokens=64)
+    assert all(d[1] > 0 for d in moved)
+    assert drift.mean_kl(moved) == pytest.approx(sum(d[1] for d in moved) / sum(d[2] for d in moved))
+
+
+def test_label_word_target_is_accepted(tmp_path, mirror):
+    from harness.evaluate import formatter
+
+    d = tmp_path / "inc"
+    d.mkdir()
+    cfg = yaml.safe_load((evaluate.TASKS_DIR / "finance" / "finance_tweets.yaml").read_text())
+    cfg.update(task="finance_words", doc_to_target="{{['bearish', 'bullish', 'neutral'][label]}}")
+    (d / "finance_words.yaml").write_text(yaml.safe_dump(cfg))
+    evaluate.set_include_paths([str(d)])
+    try:
+        fmt, _ = formatter("finance_words", mirror=mirror)
+        assert fmt({"text": "up up", "label": 1}) == ("Financial news: up up\nSentiment:", " bullish")
+    finally:
+        evaluate.set_include_paths([])
+
+
+@pytest.mark.slow
+def test_free_text_domain_with_group_suite_trains_end_to_end(extra, tmp_path, tiny_model, tiny_task, mirror):
+    """A question-answer domain (generate_until format task, exact_match learning), a group in the
+    suite, a perplexity task in-domain (bits per byte), KL on both text sources."""
+    suite = {"name": "grouped", "tasks": [{"task": "tiny_group", "metric": "acc"}],
+             "perplexity": {"task": "wikitext", "batch_size": 1}}
+    (tmp_path / "grouped.yaml").write_text(yaml.safe_dump(suite))
+    task = yaml.safe_load(tiny_task.read_text())
+    task.update(name="qa", suite=str(tmp_path / "grouped.yaml"),
+                train={"dataset": "tiny/qa", "split": "train", "format_task": "tiny_qa"},
+                in_domain=[{"task": "tiny_qa", "metric": "exact_match,first-word"},
+                           {"task": "tiny_qa_text", "metric": "bits_per_byte"}])
+    task["profiles"]["quick"].update(max_gen_toks=2, quant_reference=False)
+    path = tmp_path / "qa.yaml"
+    path.write_text(yaml.safe_dump(task, sort_keys=False))
+    args = ["compare", "--task", str(path), "--model", str(tiny_model), "--methods", "full", "--profile", "quick",
+            "--mirror", str(mirror), "--run-id", "qa1", "--results-dir", str(tmp_path / "r"),
+            "--work-dir", str(tmp_path / "w"), "--include-path", str(extra)]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "r" / "qa" / "qa1"
+    m = json.loads((run_dir / "metrics.json").read_text())
+    comp = m["comparisons"]["full"]
+    # The group: its subtasks evaluated, its aggregate weighted by their sizes, with its own paired Δ.
+    g = m["arms"]["base"]["tasks"]["tiny_group"]
+    sub = m["arms"]["base"]["tasks"]
+    n = {t: sub[t]["n"] for t in ("arc_easy", "boolq")}
+    assert g["score"] == pytest.approx(sum(sub[t]["score"] * n[t] for t in n) / sum(n.values()))
+    assert "acc" in comp["tasks"]["tiny_group"]
+    # Free text: trained on prompt + answer; learning read from the filtered exact match.
+    assert json.loads((run_dir / "arms/full.json").read_text())["train"]["steps"] > 0
+    assert "exact_match,first-word" in comp["tasks"]["tiny_qa"]
+    # The perplexity task in-domain: bits per byte paired per document, not a percentage.
+    bpb = comp["tasks"]["tiny_qa_text"]["bits_per_byte"]
+    assert bpb["proportion"] is False and bpb["n"] == 8  # the quick profile's limit
+    assert comp["excluded"]["tiny_qa_text"].startswith("not a proportion")
+    # KL on WikiText and on the domain prompts, > 0 after training.
+    kl = m["arms"]["full"]["kl"]
+    assert kl["general"]["task"] == "wikitext" and kl["domain"]["task"] == "tiny_qa"
+    assert kl["general"]["mean"] > 0 and kl["domain"]["mean"] > 0
+    report = (run_dir / "report.md").read_text()
+    assert "Distribution drift" in report and "tiny_group (group)" in report
+    # samples/*.csv: one row per (document, filter, metric).
+    rows = (run_dir / "samples/full.csv").read_text().splitlines()
+    assert rows[0] == "task,doc_id,doc_hash,filter,metric,value,weight"
+    qa_rows = [r for r in rows if r.startswith("tiny_qa,")]
+    assert len(qa_rows) == 8 * 2 and {r.split(",")[3] for r in qa_rows} == {"whole", "first-word"}
