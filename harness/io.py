@@ -91,7 +91,14 @@ def read_samples(path: Path) -> dict[str, list[dict]]:
     """Per-document records back from samples/<arm>.csv; runs written before 2026-12 (one row per
     document, acc and acc_norm columns) are read through the same record shape."""
     by_task: dict[str, dict[int, dict]] = {}
-    with open(path, newline="") as fh:
+    path = Path(path)
+    if not path.exists() and path.with_suffix(".csv.gz").exists():  # a committed report keeps them compressed
+        import gzip
+
+        opener = lambda: gzip.open(path.with_suffix(".csv.gz"), "rt", newline="")  # noqa: E731
+    else:
+        opener = lambda: open(path, newline="")  # noqa: E731
+    with opener() as fh:
         reader = csv.DictReader(fh)
         long = "metric" in (reader.fieldnames or [])
         for row in reader:

@@ -208,3 +208,26 @@ def test_free_text_domain_with_group_suite_trains_end_to_end(extra, tmp_path, ti
     assert rows[0] == "task,doc_id,doc_hash,filter,metric,value,weight"
     qa_rows = [r for r in rows if r.startswith("tiny_qa,")]
     assert len(qa_rows) == 8 * 2 and {r.split(",")[3] for r in qa_rows} == {"whole", "first-word"}
+
+
+def test_samples_round_trip_one_row_per_metric_plain_and_gzipped(tmp_path):
+    import gzip
+    import shutil
+
+    from harness.io import read_samples, write_samples
+
+    recs = {"ifeval": [{"doc_id": 1, "doc_hash": "ab" * 20, "target": 0, "prompt_level_strict_acc": 1.0,
+                        "inst_level_strict_acc": 0.5, "inst_level_strict_acc:w": 2.0}],
+            "gsm8k": [{"doc_id": 0, "doc_hash": None, "exact_match,strict-match": 0.0,
+                       "exact_match,flexible-extract": 1.0}]}
+    path = write_samples(tmp_path / "arm.csv", recs)
+    lines = path.read_text().splitlines()
+    assert "ifeval,1,abababababababab,none,inst_level_strict_acc,0.5,2.0" in lines
+    assert "gsm8k,0,,strict-match,exact_match,0.0," in lines and len(lines) == 1 + 2 + 2
+    back = read_samples(path)
+    assert back["ifeval"][0]["inst_level_strict_acc:w"] == 2.0
+    assert back["gsm8k"][0]["exact_match,flexible-extract"] == 1.0
+    with open(path, "rb") as src, gzip.open(tmp_path / "arm.csv.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    path.unlink()
+    assert read_samples(tmp_path / "arm.csv") == back
