@@ -513,7 +513,7 @@ def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     lm = make_lm(model, tokenizer, batch_size=batch_size, backend=backend)
     start = time.perf_counter()
-    results, samples, n, versions, raw_out = {}, {}, {}, {}, {}
+    results, samples, n, versions, raw_out, version = {}, {}, {}, {}, {}, None
     for chat in sorted({r.chat_template for r in runs}):
         group = [r for r in runs if r.chat_template == chat]
         names = [r.task for r in group]
@@ -536,6 +536,7 @@ def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path
             samples[r.task] = records(out["samples"].get(r.task, []), task)
             n[r.task] = out["n-samples"][r.task]["effective"]
             versions[r.task] = out["versions"].get(r.task)
+        version = out.get("lm_eval_version")
         if raw:
             raw_out.update(raw_responses(out))
     seconds = time.perf_counter() - start
@@ -546,7 +547,7 @@ def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path
         "n": {t: n[t] for t in order},
         "samples": {t: samples[t] for t in order},
         "versions": {t: versions[t] for t in order},
-        "lm_eval_version": getattr(__import__("lm_eval"), "__version__", None),
+        "lm_eval_version": version,
         "seconds": seconds,
     }
 
@@ -641,7 +642,7 @@ def kl_documents(name: str, *, mirror: Path | None, limit: int | None, seed: int
     same seeded subset of documents as the evaluation."""
     task = eval_task(name, mirror=mirror)
     docs = task.eval_docs
-    ids = subsample([name], limit, mirror=mirror, seed=seed)[name] if limit is not None else list(range(len(docs)))
+    ids = subsample([name], limit, mirror=mirror, seed=seed)[name]  # limit None: every document
     out = []
     with cached_templates():
         for i in ids:

@@ -101,7 +101,8 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     if profile_name not in task.profiles:
         raise HarnessError(f"--profile {profile_name}: not defined under profiles: of task {task.name}")
     mirror = mirror_dir(spec.mirror)
-    evaluate.check_tasks([task.train.format_task] + ([task.kl.domain_task] if task.kl.domain_task else []))
+    kl_tasks = [task.kl.domain_task] if task.kl.enabled and task.kl.domain_task else []
+    evaluate.check_tasks([task.train.format_task] + kl_tasks)
     run_id = spec.run_id or f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{profile_name}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", run_id):
         raise HarnessError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only")
@@ -121,7 +122,7 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     suite = plan_.suite
     ppl = [suite.perplexity.task] if suite.perplexity else []
     if mirror is not None:  # every benchmark's data must be in the mirror too (suite leaves: checked in evalplan)
-        for name in ppl + ([task.kl.domain_task] if task.kl.enabled and task.kl.domain_task else []):
+        for name in ppl + kl_tasks:
             evaluate.task_config(name, mirror=mirror)
     return {"task": task, "arm_tasks": arm_tasks, "suite": suite, "evalplan": plan_, "profile_name": profile_name,
             "profile": task.profiles[profile_name],

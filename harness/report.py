@@ -151,10 +151,8 @@ BOOKKEEPING = ("doc_id", "doc_hash", "target", "pred", "n_choices")
 
 
 def _metric_keys(records: list[dict]) -> list[str]:
-    keys: list[str] = []
-    for r in records[:1] or []:
-        keys = [k for k in r if k not in BOOKKEEPING and not k.endswith(":w")]
-    return keys
+    """The metrics of a task's records (every record of a task carries the same keys)."""
+    return [k for k in (records[0] if records else {}) if k not in BOOKKEEPING and not k.endswith(":w")]
 
 
 def _is_proportion(values) -> bool:
