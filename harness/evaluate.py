@@ -43,9 +43,10 @@ SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split
 # 31.5 s instead of 51.8 s (NF4 base + LoRA) against 512 requests and 3/4. CPUs pay for padding in
 # arithmetic: they keep lm-eval's batch size and 3/4.
 GPU_MC_BATCH = 2048
-# Prompts per generation batch on CUDA (greedy decoding; KV cache of 256 x ~1,400 tokens of SmolLM2:
-# ~8 GiB in bf16).
-GPU_GEN_BATCH = 256
+# Memory a generation batch may take on CUDA (KV cache and prefill activations, fastlm's estimate):
+# as many prompts per batch as fit, all 541 of IFEval's for SmolLM2 at 256 new tokens. Generation's
+# decoding steps cost per step, not per prompt, on a GPU (see HarnessLM.generate_until).
+GPU_GEN_MEMORY = 24 * 2**30
 GPU_PREFIX_RATIO = 0.5
 
 
@@ -482,7 +483,7 @@ def make_lm(model, tokenizer, *, batch_size: int, backend: str = "auto"):
     if on_gpu:
         return HarnessLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                          mc_batch_size=max(batch_size, GPU_MC_BATCH), mc_prefix_ratio=GPU_PREFIX_RATIO,
-                         gen_batch_size=max(batch_size, GPU_GEN_BATCH))
+                         gen_memory_bytes=GPU_GEN_MEMORY)
     return HarnessLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mc_batch_size=batch_size)
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
+from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix, normalize_gen_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,13 @@ class HarnessLM(HFLM):
     `batch_size` stays HFLM's for everything else (rolling log-likelihood, generation)."""
 
     def __init__(self, *args, mc_batch_size: int | None = None, mc_memory_bytes: int | None = None,
-                 mc_prefix_ratio: float = 0.75, gen_batch_size: int | None = None, **kwargs):
+                 mc_prefix_ratio: float = 0.75, gen_memory_bytes: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.gen_batch_size = int(gen_batch_size) if gen_batch_size else None
         self.mc_batch_size = int(mc_batch_size) if mc_batch_size else None
         self.mc_prefix_ratio = float(mc_prefix_ratio)
         default = (8 if self.device.type == "cuda" else 2) * 2**30
         self.mc_memory_bytes = int(mc_memory_bytes) if mc_memory_bytes else default
+        self.gen_memory_bytes = int(gen_memory_bytes) if gen_memory_bytes else None
 
     @functools.cached_property
     def _bytes_per_token(self) -> tuple[int, int]:
@@ -74,17 +74,44 @@ class HarnessLM(HFLM):
         return kv, cfg.vocab_size * size
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """HFLM's greedy generation (its length-sorted batching, stop strings, chat handling), with
-        `gen_batch_size` prompts per batch where set: a decoding step of a small model costs the same
-        at 64 or 256 prompts on a GPU, so fewer, larger batches finish IFEval's 541 prompts in a
-        fraction of the steps."""
-        if not self.gen_batch_size or not isinstance(self.batch_size_per_gpu, int):
+        """HFLM's greedy generation (its length-sorted batching, stop strings, chat handling) with as
+        many prompts per batch as `gen_memory_bytes` holds (where set: on CUDA). A decoding step of a
+        small model costs about the same at 64 or 541 prompts (Python and kernel launches, not
+        arithmetic), and a batch runs until its longest answer ends: lm-eval's `batch_size=auto`
+        (64) decodes IFEval's 541 prompts in 9 batches, this in one. On an out-of-memory error the
+        batch halves and generation starts again."""
+        if (not self.gen_memory_bytes or not isinstance(self.batch_size_per_gpu, int) or not requests
+                or self.backend != "causal" or self.world_size > 1):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        saved, self.batch_size_per_gpu = self.batch_size_per_gpu, self.gen_batch_size
+        saved = self.batch_size_per_gpu
+        n = self.generation_batch(requests)
         try:
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            while True:
+                self.batch_size_per_gpu = n
+                try:
+                    return super().generate_until(requests, disable_tqdm=disable_tqdm)
+                except torch.cuda.OutOfMemoryError:
+                    if n == 1:
+                        raise
+                    n = max(1, n // 2)
+                    torch.cuda.empty_cache()
+                    log.warning("out of memory generating; retrying with %d prompts per batch", n)
         finally:
             self.batch_size_per_gpu = saved
+
+    def generation_batch(self, requests) -> int:
+        """Prompts per generation batch: every request, or as many as fit `gen_memory_bytes` at the
+        longest (left-padded) prompt: its KV cache grown by the longest generation, or the prefill's
+        activations of one layer (hidden states, q/k/v, the MLP's three projections), the larger."""
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        gen = max(int(normalize_gen_kwargs(dict(r.args[1]), self.max_gen_toks)["max_gen_toks"]) for r in requests)
+        ctx = min(max(len(self.tok_encode(r.args[0])) for r in requests), max(self.max_length - gen, 1))
+        kv, _ = self._bytes_per_token
+        width = 6 * cfg.hidden_size + 3 * (getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size)
+        size = next(self.model.parameters()).element_size()
+        per_prompt = max(kv * (ctx + gen), kv * ctx + ctx * width * max(size, 2))
+        return max(1, min(len(requests), self.gen_memory_bytes // max(per_prompt, 1)))
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         if (self.enable_thinking or self.backend != "causal" or self.world_size > 1

@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=sorted(TOLERANCE))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating")
+    ap.add_argument("--hf-batch-size", type=int, action="append", default=None,
+                    help="lm-eval hf's batch size (repeatable: lm-eval's own noise across batch sizes is "
+                         "reported; default --batch-size)")
     ap.add_argument("--out", type=Path, default=None, help="markdown file (default results/bench/<date>-<device>.md)")
     args = ap.parse_args()
 
@@ -63,27 +66,32 @@ def main() -> None:
     configs = [evaluate.task_config(t, mirror=mirror) for t in tasks]
     evaluate.task_manager().load_task_or_group(configs)  # warm-up: the datasets cache
 
-    runs, raw = [], {}
+    hf_batches = args.hf_batch_size or [args.batch_size]
+    runs, raw, extra = [], {}, {}
     for r in range(args.rounds):
-        for side in ("hf", "harness"):
+        for side, batch in [("hf", hf_batches[0]), ("harness", args.batch_size)] + (
+                [("hf", b) for b in hf_batches[1:]] if r == 0 else []):
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            seconds, metrics, resp = _run(side, path, tasks, configs, samples, mirror, args, dev)
+            seconds, metrics, resp = _run(side, path, tasks, configs, samples, mirror, args, dev, batch)
             peak = ((torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if dev == "cuda"
                     else (None, None))
-            runs.append((side, r + 1, seconds, *peak))
-            raw.setdefault(side, (metrics, resp))
-            print(f"[bench] {side} round {r + 1}: {seconds:.1f}s", flush=True)
+            if side == "hf" and batch != hf_batches[0]:
+                extra[batch] = (seconds, resp)  # lm-eval's own noise: not a timing round
+            else:
+                runs.append((side, r + 1, seconds, *peak))
+                raw.setdefault(side, (metrics, resp))
+            print(f"[bench] {side} (batch {batch}) round {r + 1}: {seconds:.1f}s", flush=True)
             if dev == "cuda":
                 torch.cuda.empty_cache()
-    section = _render(runs, raw, tasks, args, device_name, dev)
+    section = _render(runs, raw, tasks, args, device_name, dev, hf_batches[0], extra)
     out = args.out or PROJECT_ROOT / "results" / "bench" / f"{date.today()}-{_slug(device_name)}.md"
     _write_section(out, section)
     print(section)
     print(f"[bench] wrote {out}")
 
 
-def _run(side, path, tasks, configs, samples, mirror, args, dev):
+def _run(side, path, tasks, configs, samples, mirror, args, dev, batch):
     """One timed evaluation: (seconds, {task: metrics}, raw responses)."""
     import torch
 
@@ -92,7 +100,7 @@ def _run(side, path, tasks, configs, samples, mirror, args, dev):
         from lm_eval import simple_evaluate
 
         out = simple_evaluate(model="hf", model_args=f"pretrained={path},dtype={args.dtype}", device=dev,
-                              batch_size=args.batch_size, tasks=configs, samples=samples, log_samples=True,
+                              batch_size=batch, tasks=configs, samples=samples, log_samples=True,
                               task_manager=evaluate.task_manager(), random_seed=0, numpy_random_seed=0,
                               torch_random_seed=0, fewshot_random_seed=0)
         seconds = time.perf_counter() - start
@@ -104,14 +112,14 @@ def _run(side, path, tasks, configs, samples, mirror, args, dev):
     evaluate._TASKS.clear()  # this run builds its tasks, as the reference does
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(dev).eval()
     tokenizer = models.load_tokenizer(path)
-    ev = evaluate.evaluate(model, tokenizer, tasks, mirror=mirror, limit=args.limit, batch_size=args.batch_size,
+    ev = evaluate.evaluate(model, tokenizer, tasks, mirror=mirror, limit=args.limit, batch_size=batch,
                            raw=True, backend="harness")
     seconds = time.perf_counter() - start
     metrics = {t: {k: v for k, v in ev["results"][t].items() if "stderr" not in k} for t in tasks}
     return seconds, metrics, ev["raw"]
 
 
-def _render(runs, raw, tasks, args, device_name, dev) -> str:
+def _render(runs, raw, tasks, args, device_name, dev, hf_batch, extra) -> str:
     ref = [s for side, _, s, *_ in runs if side == "hf"]
     fast = [s for side, _, s, *_ in runs if side == "harness"]
     mem = {side: [(a, b) for s_, _, _, a, b in runs if s_ == side] for side in ("hf", "harness")}
@@ -121,9 +129,10 @@ def _render(runs, raw, tasks, args, device_name, dev) -> str:
     mc = max(args.batch_size, evaluate.GPU_MC_BATCH) if dev == "cuda" else args.batch_size
     lines = [SECTION, "",
              f"`scripts/bench_eval.py --model {args.model} --tasks {','.join(tasks)} --dtype {args.dtype} "
-             f"--batch-size {args.batch_size}{f' --limit {args.limit}' if args.limit else ''}` on {device_name}, "
+             f"--batch-size {args.batch_size}{''.join(f' --hf-batch-size {b}' for b in [hf_batch, *extra]) if extra else ''}"
+             f"{f' --limit {args.limit}' if args.limit else ''}` on {device_name}, "
              f"{agree['documents']} documents.", "",
-             f"Reference: `lm_eval.simple_evaluate(model=\"hf\", batch_size={args.batch_size})` (lm-eval's HFLM). "
+             f"Reference: `lm_eval.simple_evaluate(model=\"hf\", batch_size={hf_batch})` (lm-eval's HFLM). "
              f"Harness: `harness.evaluate.evaluate` (model class `harness`, up to {mc} multiple-choice requests per "
              f"batch{', prefixes within ' + str(evaluate.GPU_PREFIX_RATIO) + 'x of the longest' if dev == 'cuda' else ''}). "
              "Wall time includes loading the model; both log samples.", "",
@@ -136,6 +145,7 @@ def _render(runs, raw, tasks, args, device_name, dev) -> str:
               f"Agreement: same choice on {agree['same_pred']}/{agree['documents']} documents, same is_greedy "
               f"flags: {'yes' if agree['same_greedy'] else 'no'}, max |Δ log-likelihood| {agree['max_abs_diff']:.2e} "
               f"(tolerance {tol:g} in {args.dtype}): **{'PASS' if ok else 'FAIL'}**.", "",
+              *_noise(raw, extra, hf_batch, args.dtype),
               "| task | metric | lm-eval hf | harness |", "|---|---|---|---|"]
     for t in tasks:
         a, b = raw["hf"][0][t], raw["harness"][0][t]
@@ -143,6 +153,26 @@ def _render(runs, raw, tasks, args, device_name, dev) -> str:
             if isinstance(a[m], (int, float)) and m in b:
                 lines.append(f"| {t} | {m} | {a[m]:.4f} | {b[m]:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def _noise(raw, extra, hf_batch, dtype) -> list[str]:
+    """lm-eval's own disagreement with itself across batch sizes, beside the harness's with it: whether
+    the harness's differences are within the noise of the reference's batch shapes."""
+    if not extra:
+        return []
+    ref, fast = raw["hf"][1], raw["harness"][1]
+    lines = [f"Noise of lm-eval itself ({dtype}), choices that differ between runs on the same documents:", "",
+             "| pair | different choice | max \u0394 log-likelihood |", "|---|---|---|"]
+
+    def row(name, a, b):
+        g = evaluate.agreement(a, b)
+        lines.append(f"| {name} | {g['documents'] - g['same_pred']} / {g['documents']} | {g['max_abs_diff']:.2e} |")
+
+    row(f"lm-eval hf {hf_batch} vs harness", ref, fast)
+    for b, (_, resp) in extra.items():
+        row(f"lm-eval hf {hf_batch} vs lm-eval hf {b}", ref, resp)
+        row(f"lm-eval hf {b} vs harness", resp, fast)
+    return lines + [""]
 
 
 def _gib(allocated, reserved) -> str:

@@ -207,3 +207,42 @@ def test_requests_a_custom_mask_cannot_serve_go_to_hflms_path(tiny):
         del model.config.sliding_window
     assert packable == [len(c) >= 2 and len(c) + len(k) <= 6 for c, k in encoded]
     assert 0 < sum(packable) < len(reqs)
+
+
+def _gen_requests(prompts, max_gen_toks=4):
+    from lm_eval.api.instance import Instance
+
+    kw = {"until": ["\n\n"], "max_gen_toks": max_gen_toks, "do_sample": False}
+    return [Instance("generate_until", {}, (p, dict(kw)), i) for i, p in enumerate(prompts)]
+
+
+def test_generation_batch_follows_the_memory_budget(tiny):
+    from harness.fastlm import HarnessLM
+
+    model, tok = tiny
+    reqs = _gen_requests(["the sun and the rock " * k for k in (1, 3, 6)], max_gen_toks=8)
+    lm = HarnessLM(pretrained=model, tokenizer=tok, batch_size=1, gen_memory_bytes=2**40)
+    assert lm.generation_batch(reqs) == 3  # everything fits: one batch
+    kv, _ = lm._bytes_per_token
+    longest = max(len(lm.tok_encode(r.args[0])) for r in reqs)
+    width = 6 * model.config.hidden_size + 3 * model.config.intermediate_size
+    per_prompt = max(kv * (longest + 8), kv * longest + longest * width * 4)  # fp32 model
+    lm.gen_memory_bytes = 2 * per_prompt + 1
+    assert lm.generation_batch(reqs) == 2
+    lm.gen_memory_bytes = 1
+    assert lm.generation_batch(reqs) == 1  # never zero
+
+
+def test_larger_generation_batches_generate_what_hflm_does(tiny):
+    """One batch of every prompt, or one prompt per batch (HFLM at batch 1): the same greedy text."""
+    model, tok = tiny
+    prompts = ["question: which plant will grow in the sun? answer:", "the rock", "water and light energy is"]
+    stock, _ = _lms(model, tok, batch_size=1)
+    from harness.fastlm import HarnessLM
+
+    fast = HarnessLM(pretrained=model, tokenizer=tok, batch_size=1, gen_memory_bytes=2**40)
+    calls = []
+    original = fast._model_generate
+    fast._model_generate = lambda context, **kw: calls.append(context.shape[0]) or original(context=context, **kw)
+    assert fast.generate_until(_gen_requests(prompts)) == stock.generate_until(_gen_requests(prompts))
+    assert calls == [3] and fast.batch_size_per_gpu == 1  # one batch, and lm-eval's batch size restored
