@@ -62,10 +62,14 @@ class HarnessLM(HFLM):
         self.gen_memory_bytes = int(gen_memory_bytes) if gen_memory_bytes else None
 
     @functools.cached_property
+    def _text_config(self):
+        cfg = self.model.config
+        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+    @functools.cached_property
     def _bytes_per_token(self) -> tuple[int, int]:
         """(KV-cache bytes per cached token, logits bytes per scored token), from the model's config."""
-        cfg = self.model.config
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        cfg = self._text_config
         size = next(self.model.parameters()).element_size() if self.mixed_precision_dtype is None else 2
         size = max(size, 2)  # a 4-bit base computes in 16 or 32 bits
         heads = getattr(cfg, "num_attention_heads", 1)
@@ -103,8 +107,7 @@ class HarnessLM(HFLM):
         """Prompts per generation batch: every request, or as many as fit `gen_memory_bytes` at the
         longest (left-padded) prompt: its KV cache grown by the longest generation, or the prefill's
         activations of one layer (hidden states, q/k/v, the MLP's three projections), the larger."""
-        cfg = self.model.config
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        cfg = self._text_config
         gen = max(int(normalize_gen_kwargs(dict(r.args[1]), self.max_gen_toks)["max_gen_toks"]) for r in requests)
         ctx = min(max(len(self.tok_encode(r.args[0])) for r in requests), max(self.max_length - gen, 1))
         kv, _ = self._bytes_per_token
@@ -192,8 +195,7 @@ class HarnessLM(HFLM):
     def _packable(self, ctx: list[int], cont: list[int]) -> bool:
         """Scored by the shared-prefix path: a context of two tokens or more, within the model's window
         (HFLM truncates longer ones per request) and any sliding window (a custom mask bypasses it)."""
-        cfg = self.model.config
-        window = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "sliding_window", None)
+        window = getattr(self._text_config, "sliding_window", None)
         n = len(ctx) + len(cont)
         return len(ctx) >= 2 and 0 < len(cont) and n <= self.max_length + 1 and (not window or n <= window)
 

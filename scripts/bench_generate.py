@@ -7,9 +7,9 @@ new tokens, with a per-prompt comparison of the generated text.
 
 Reference, as a user would run it: lm_eval.simple_evaluate(model="hf", model_args="pretrained=<dir>,
 dtype=<dtype>", batch_size="auto", apply_chat_template=True, gen_kwargs="max_gen_toks=N") on IFEval
-(mirror-rewritten by harness.evaluate.task_config). Harness: harness.evaluate.evaluate with the
-"harness" class (all prompts that fit its memory budget in one batch). A third run, lm-eval's HFLM at
-the harness's batch size (`--explain`, default on), tells batch-shape numerics from a harness bug: a
+(mirror-rewritten by harness.evaluate.task_config). Harness: the same call with the model class
+harness.evaluate.make_lm builds (all prompts that fit its memory budget in one batch). A third run,
+lm-eval's HFLM at the harness's batch size (skipped with `--no-explain`), tells batch-shape numerics from a harness bug: a
 prompt whose text differs between hf@auto and the harness but not between hf@<harness batch> and the
 harness differs because the batch (padding, kernel shapes) differs, not because of the harness.
 Wall time covers loading the model and lm-eval's whole evaluation (both log samples). Writes the
@@ -68,7 +68,7 @@ def main() -> None:
         runs[(side, batch)] = _timed(side, batch, path, config, samples, mirror, args, dev)
         print(f"[bench] {side} batch {batch or 'harness'}: {runs[(side, batch)]['seconds']:.1f}s", flush=True)
     harness_batch = runs[("harness", None)]["batch"]
-    if not args.no_explain:
+    if not args.no_explain and ("hf", harness_batch) not in runs:
         runs[("hf", harness_batch)] = _timed("hf", harness_batch, path, config, samples, mirror, args, dev)
         print(f"[bench] hf batch {harness_batch}: {runs[('hf', harness_batch)]['seconds']:.1f}s", flush=True)
     section = _render(runs, harness_batch, args, device_name, len(samples[args.task]))
