@@ -97,7 +97,10 @@ def _resumed(ctx: click.Context, run_dir: Path):
     from harness.io import read_json
     from harness.pipeline import RESUMABLE, Arm, CompareSpec
 
-    given = [p for p, v in ctx.params.items() if p not in ("resume_dir", "jobs")
+    # What may run code (remote model code, pickled weights, task hooks) is never taken from a file in
+    # the run directory: a copied or edited config.json must not grant it. It comes from this command line.
+    trusted = ("trust_remote_code", "allow_pickle", "include_path")
+    given = [p for p, v in ctx.params.items() if p not in ("resume_dir", "jobs", *trusted)
              and ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
     if given or ctx.params.get("overrides"):
         raise HarnessError(f"--resume {run_dir}: takes the run's recorded settings; drop "
@@ -112,8 +115,18 @@ def _resumed(ctx: click.Context, run_dir: Path):
     if not isinstance(recorded, dict) or set(RESUMABLE) - set(recorded):
         raise HarnessError(f"{path}: no resumable settings recorded (written by an older harness); re-run the "
                            "original command with --run-id")
-    spec = CompareSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()},
-                       run_id=run_dir.resolve().name, results_dir=run_dir.resolve().parent.parent,
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(CompareSpec)} - {"run_id", "results_dir", "jobs", "only"}
+    extra = sorted(set(recorded) - known)
+    if extra:
+        raise HarnessError(f"{path}: spec records unknown settings {', '.join(extra)} (written by another version "
+                           "of the harness?); re-run the original command with --run-id")
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k not in trusted}
+    settings |= {"trust_remote_code": bool(ctx.params.get("trust_remote_code")),
+                 "allow_pickle": bool(ctx.params.get("allow_pickle")),
+                 "include_path": tuple(ctx.params.get("include_path") or ())}
+    spec = CompareSpec(**settings, run_id=run_dir.resolve().name, results_dir=run_dir.resolve().parent.parent,
                        jobs=ctx.params.get("jobs", "auto"))  # how many at once does not change the run
     arms = [Arm(name, a["method"], tuple(a["overrides"])) for name, a in config["arms"].items()]
     return spec, arms

@@ -75,7 +75,9 @@ class EvalPlan:
                 if any(r.task == leaf for r in out):
                     continue
                 gen = e.info[leaf]["output_type"] == "generate_until"
-                limit = (profile.generate_limit or profile.limit) if gen else profile.limit
+                # `<task>@answer` scores the same documents as its generate_until task.
+                same_docs = gen or evaluate.is_answer(leaf)
+                limit = (profile.generate_limit or profile.limit) if same_docs else profile.limit
                 out.append(evaluate.TaskRun(leaf, num_fewshot=e.num_fewshot, chat_template=chat,
                                             max_gen_toks=profile.max_gen_toks if gen else None, limit=limit))
         return out
@@ -116,26 +118,42 @@ def build(task: TaskConfig, suite_names: list[str], *, mirror: Path | None) -> E
     _check_nltk([leaf for e in entries for leaf in e.leaves] + [task.train.format_task])
     leaf_settings: dict[str, tuple] = {}
     for e in entries:
-        chat = e.chat_template
-        for leaf in e.leaves:
-            if leaf in leaf_settings and leaf_settings[leaf][:2] != (e.num_fewshot, chat):
-                raise HarnessError(f"task {leaf}: evaluated twice with different few-shot or chat settings "
-                                   f"(in {leaf_settings[leaf][2]} and {e.task}); one evaluation serves both")
-            leaf_settings[leaf] = (e.num_fewshot, chat, e.task)
-            if mirror is not None:
-                evaluate.task_config(leaf, mirror=mirror)  # names the dataset missing from the mirror
-            info = evaluate.task_info(leaf, mirror=mirror)
-            e.info[leaf] = info
-            where = f"{'suite ' + e.suite if e.suite else 'in_domain'}: {e.task}"
-            evaluate.check_metric(leaf, e.metric, info, where=where)
-            if e.kind == "group":
-                _check_aggregate(e, leaf)
-        e.output_type = "+".join(sorted({e.info[leaf]["output_type"] for leaf in e.leaves}))
+        _resolve(e, leaf_settings, mirror=mirror)
+    # A free-text in-domain task also counts its reference answer's likelihood (harness/answer.py):
+    # a finer measure of learning than exact match, paired per document on the same documents.
+    listed = {e.task for e in entries}
+    for i in range(len(entries) - 1, -1, -1):
+        e = entries[i]
+        name = evaluate.answer_task(e.task)
+        if e.role == "in_domain" and e.kind == "task" and e.output_type == "generate_until" and name not in listed:
+            derived = Entry(task=name, metric=evaluate.ANSWER_METRIC, num_fewshot=e.num_fewshot,
+                            chat_template=e.chat_template, role="in_domain", suite=None, kind="task", leaves=[name])
+            _resolve(derived, leaf_settings, mirror=mirror)
+            entries.insert(i + 1, derived)
     merged = SuiteConfig(name="+".join(s.name for s in suites),
                          tasks=[EvalTask(e.task, e.metric, e.num_fewshot) for e in entries if e.role == "suite"],
                          description="; ".join(s.description for s in suites if s.description),
                          num_fewshot=suites[0].num_fewshot, perplexity=perplexity)
     return EvalPlan(suite=merged, entries=entries, perplexity=perplexity)
+
+
+def _resolve(e: Entry, leaf_settings: dict, *, mirror: Path | None) -> None:
+    """Each leaf's settings (one evaluation per leaf), what it logs, and the counted metric checked."""
+    chat = e.chat_template
+    for leaf in e.leaves:
+        if leaf in leaf_settings and leaf_settings[leaf][:2] != (e.num_fewshot, chat):
+            raise HarnessError(f"task {leaf}: evaluated twice with different few-shot or chat settings "
+                               f"(in {leaf_settings[leaf][2]} and {e.task}); one evaluation serves both")
+        leaf_settings[leaf] = (e.num_fewshot, chat, e.task)
+        if mirror is not None:
+            evaluate.task_config(leaf, mirror=mirror)  # names the dataset missing from the mirror
+        info = evaluate.task_info(leaf, mirror=mirror)
+        e.info[leaf] = info
+        where = f"{'suite ' + e.suite if e.suite else 'in_domain'}: {e.task}"
+        evaluate.check_metric(leaf, e.metric, info, where=where)
+        if e.kind == "group":
+            _check_aggregate(e, leaf)
+    e.output_type = "+".join(sorted({e.info[leaf]["output_type"] for leaf in e.leaves}))
 
 
 def _entry(t: EvalTask, *, role: str, suite: SuiteConfig | None, default_fewshot: int, chat) -> Entry:

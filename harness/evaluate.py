@@ -1,5 +1,5 @@
 """Evaluation through lm-eval's own evaluator and task registry; with fastlm.py (the harness's lm-eval
-model class), the only module that imports lm_eval.
+model class) and answer.py (the `<task>@answer` log-likelihood task), the only module that imports lm_eval.
 
 Tasks are lm-eval task names: its registered benchmarks, or YAMLs under tasks/ (added to lm-eval's
 TaskManager through `include_path`). With a mirror, each task's registered YAML is loaded and its
@@ -34,6 +34,7 @@ from pathlib import Path
 from harness.config import TASKS_DIR, HarnessError
 from harness.data import mirror_file
 
+ANSWER_SUFFIX, ANSWER_METRIC = "@answer", "bits_per_byte"  # harness.answer's, here without importing lm_eval
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 # On CUDA the harness backend scores up to this many multiple-choice requests per batch (a small
 # model leaves the GPU idle at lm-eval's usual 8-64; it halves the batch on out-of-memory), and lets a
@@ -78,7 +79,8 @@ def need_tasks(names) -> None:
     all ~14,000 registry YAMLs at construction: 14 s on the 2-core machine, in the parent of a
     compare and again in each parallel job, before any work."""
     global _NEEDED
-    if not frozenset(names) <= _NEEDED:
+    names = frozenset(base_task(n) for n in names)
+    if not names <= _NEEDED:
         _NEEDED = _NEEDED | frozenset(names)
         task_manager.cache_clear()
 
@@ -153,7 +155,7 @@ def check_tasks(names: list[str]) -> None:
     """Fail before any weights load when a task name does not resolve."""
     need_tasks(names)
     index = task_manager().task_index
-    for name in names:
+    for name in [base_task(n) for n in names]:
         if name not in index:
             from lm_eval.tasks import TaskManager
 
@@ -163,8 +165,11 @@ def check_tasks(names: list[str]) -> None:
 
 
 def task_config(name: str, *, mirror: Path | None) -> str | dict:
-    """The task as lm-eval should load it: its name, or (with a mirror) its rewritten config."""
+    """The task as lm-eval should load it: its name, or (with a mirror) its rewritten config; a derived
+    `<task>@answer` always as a config (harness/answer.py)."""
     need_tasks([name])
+    if is_answer(name):
+        return _answer_config(name, mirror=mirror)
     if mirror is None:
         return name
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -191,10 +196,40 @@ def task_config(name: str, *, mirror: Path | None) -> str | dict:
     return cfg
 
 
+def _answer_config(name: str, *, mirror: Path | None) -> dict:
+    """`<task>@answer`: the generate_until task's config, scoring its reference answer's likelihood."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from harness import answer
+
+    base = base_task(name)
+    cfg = task_config(base, mirror=mirror)
+    if isinstance(cfg, str):
+        cfg = load_yaml(task_manager().task_index[base].yaml_path, resolve_func=True)
+    if cfg.get("output_type") != "generate_until":
+        raise HarnessError(f"task {name}: {answer.SUFFIX} scores a generate_until task's reference answer; "
+                           f"{base} is {cfg.get('output_type') or 'not a configured task'}")
+    return answer.derive(cfg, name)
+
+
+def is_answer(name: str) -> bool:
+    return name.endswith(ANSWER_SUFFIX)
+
+
+def base_task(name: str) -> str:
+    """The registered task a name stands for: `gsm8k@answer` -> gsm8k."""
+    return name[: -len(ANSWER_SUFFIX)] if is_answer(name) else name
+
+
+def answer_task(name: str) -> str:
+    return name + ANSWER_SUFFIX
+
+
 def task_source(name: str, *, mirror: Path | None) -> dict:
     """The dataset, config and split lm-eval scores for a task (its test split, else validation)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    name = base_task(name)  # the same documents
     need_tasks([name])
     cfg = load_yaml(task_manager().task_index[name].yaml_path, resolve_func=True)
     dataset, config = cfg.get("dataset_path"), cfg.get("dataset_name")
@@ -321,7 +356,8 @@ def subsample(tasks: list[str], limit: int | dict, *, mirror: Path | None, seed:
         if k is None:
             out[task] = list(range(n))
             continue
-        rng = np.random.default_rng([seed, zlib.crc32(task.encode())])  # per task: stable across suites
+        # Per task, stable across suites; `<task>@answer` draws the same documents as its task.
+        rng = np.random.default_rng([seed, zlib.crc32(base_task(task).encode())])
         out[task] = sorted(int(x) for x in rng.choice(n, size=min(k, n), replace=False))
     return out
 
@@ -339,6 +375,9 @@ def expand(name: str) -> dict:
     from lm_eval.tasks._yaml_loader import load_yaml
 
     need_tasks([name])
+    if is_answer(name):
+        check_tasks([name])
+        return {"kind": "task", "leaves": [name], "groups": {}}
     groups: dict[str, dict] = {}
     leaves: list[str] = []
 
@@ -520,6 +559,7 @@ def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path
         names = [r.task for r in group]
         selected = subsample(names, {r.task: r.limit for r in group}, mirror=mirror, seed=seed)
         objects = [_configured(r, mirror) for r in group]
+        seed_checks(seed)
         with cached_templates():
             out = simple_evaluate(
                 model=lm,
@@ -551,6 +591,19 @@ def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path
         "lm_eval_version": version,
         "seconds": seconds,
     }
+
+
+def seed_checks(seed: int) -> None:
+    """Seed the randomness inside lm-eval's metric code. IFEval's language checks call langdetect,
+    which samples n-grams at random per call: the same response, checked twice, was detected as
+    'no', 'sl', 'it' or 'es'. On the H200, identical texts for all 541 IFEval prompts then scored
+    prompt-level strict 17.56 in one run and 17.19 in another. Seeded, a response gets one verdict,
+    so a paired Δ compares texts rather than draws. (Only when the task's code has imported it.)"""
+    import sys
+
+    detector = sys.modules.get("langdetect")
+    if detector is not None:
+        detector.DetectorFactory.seed = seed
 
 
 def _configured(run: TaskRun, mirror: Path | None):

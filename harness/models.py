@@ -190,23 +190,17 @@ def configure(*, device: str = "auto", trust_remote_code: bool = False, allow_pi
 
 
 def safetensors_tensors(path: Path) -> dict:
-    """The header of a safetensors file, checked against the file's size: a truncated or corrupt
-    file is named here instead of failing deep inside a loader."""
+    """{name: {"shape", "dtype"}} from a safetensors file's header, read by safetensors itself (which
+    checks the header against the file's length): a truncated or corrupt file is named here instead
+    of failing deep inside a loader."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-            if not 0 < n <= min(size - 8, 100_000_000):
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end != size:
-            raise ValueError(f"{size} bytes on disk, header describes {8 + n + end}")
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
-        raise HarnessError(f"{path}: corrupt or truncated safetensors file ({e}); delete it and re-run "
-                           "(or re-download the model)") from None
-    return {k: t for k, t in header.items() if k != "__metadata__"}
+        with safe_open(str(path), framework="pt") as f:
+            return {k: {"shape": f.get_slice(k).get_shape(), "dtype": f.get_slice(k).get_dtype()} for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise HarnessError(f"{path}: corrupt or truncated safetensors file ({' '.join(str(e).split())}); delete it "
+                           "and re-run (or re-download the model)") from None
 
 
 def check_model_dir(path: Path) -> int:
@@ -309,6 +303,91 @@ def load_arm(method: str, path: str, saved: Path, *, quant: dict):
 
     base = load_base(path, quant=quant if method == "qlora" else None)
     return PeftModel.from_pretrained(base, str(saved))
+
+
+BNB_QUANT_TYPES = ("nf4", "fp4")
+
+
+def check_method_settings(methods: set[str], path: str, *, lora: dict, quant: dict, lr_scheduler: str,
+                          where: str = "") -> None:
+    """Every key under `lora:` and `quant:` checked against the class it is handed to, and the values
+    the model decides (target modules, scheduler), before any weight loads. Without this a typo under
+    `quant:` is only "Unused kwargs" in the log and QLoRA runs the default quantization; a target
+    module that matches nothing trains fewer layers (peft fails only when none matches), after the base
+    evaluation has already run."""
+    import dataclasses
+    import difflib
+    import inspect
+
+    def unknown(section: str, keys, valid, cls: str) -> None:
+        for k in keys:
+            if k not in valid:
+                near = difflib.get_close_matches(k, list(valid), n=1)
+                raise HarnessError(f"{where}{section}.{k}: not an argument of {cls}"
+                                   + (f"; did you mean {near[0]}?" if near else ""))
+
+    from transformers import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if lr_scheduler not in schedulers:
+        raise HarnessError(f"{where}training.lr_scheduler: {lr_scheduler!r} is not a transformers scheduler; "
+                           f"valid: {', '.join(schedulers)}")
+    if methods & {"lora", "qlora"}:
+        from peft import LoraConfig
+
+        unknown("lora", lora, {f.name for f in dataclasses.fields(LoraConfig)} - {"task_type"}, "peft.LoraConfig")
+        try:
+            cfg = LoraConfig(task_type="CAUSAL_LM", **lora)
+        except (TypeError, ValueError) as e:
+            raise HarnessError(f"{where}lora: {' '.join(str(e).split())}") from None
+        _check_targets(cfg, path, where=where)
+    if "qlora" in methods:
+        from transformers import BitsAndBytesConfig
+
+        params = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+        unknown("quant", quant, params, "transformers.BitsAndBytesConfig")
+        import torch
+
+        for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+            dtype = quant.get(key)
+            if isinstance(dtype, str) and not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise HarnessError(f"{where}quant.{key}: {dtype!r} is not a torch dtype (e.g. bfloat16, float16, float32)")
+        # BitsAndBytesConfig accepts any string here; bitsandbytes fails on it per layer, while loading.
+        kind = quant.get("bnb_4bit_quant_type", "fp4")
+        if kind not in BNB_QUANT_TYPES:
+            raise HarnessError(f"{where}quant.bnb_4bit_quant_type: {kind!r}; bitsandbytes' 4-bit types are "
+                               f"{', '.join(BNB_QUANT_TYPES)}")
+        bnb_config(quant)  # transformers' own value checks
+
+
+def _check_targets(cfg, path: str, *, where: str) -> None:
+    """Each named target module must match a module of this architecture (peft's own matching rule),
+    read from a weightless (meta-device) copy of the model."""
+    import torch
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    targets = cfg.target_modules
+    if targets is None or targets == "all-linear":
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=OPTIONS.trust_remote_code),
+                                                 trust_remote_code=OPTIONS.trust_remote_code)
+    names = [n for n, _ in model.named_modules() if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())})
+    if isinstance(targets, str):  # a regular expression over the full module names
+        if not any(check_target_module_exists(cfg, n) for n in names):
+            raise HarnessError(f"{where}lora.target_modules: the pattern {targets!r} matches no module of the model; "
+                               f"its layers are named {', '.join(leaves)}")
+        return
+    import copy
+
+    for t in sorted(targets):
+        one = copy.copy(cfg)
+        one.target_modules = {t}
+        if not any(check_target_module_exists(one, n) for n in names):
+            raise HarnessError(f"{where}lora.target_modules: {t!r} matches no module of the model; its layers are "
+                               f"named {', '.join(leaves)}")
 
 
 def build_model(method: str, path: str, *, lora: dict, quant: dict, gradient_checkpointing: bool = False):

@@ -224,6 +224,11 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     # Still before any weight loads: remote code, pickle weights, truncated files, disk for checkpoints.
     mine = [a for a in arms if not child or a.name in spec.only]
     n_params = models.check_model_dir(Path(resolved.path))
+    for arm in mine:  # lora:/quant: keys against peft and transformers, target modules against the model
+        t = p["arm_tasks"][arm.name]
+        models.check_method_settings({arm.method}, resolved.path, lora=t.lora, quant=t.quant,
+                                     lr_scheduler=t.training.lr_scheduler,
+                                     where="" if arm.name == arm.method else f"arm {arm.name}: ")
     _check_disk(n_params, mine, p["work_dir"])
     _check_saved(mine, p["work_dir"])
     if not child:
@@ -431,7 +436,11 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
             config["jobs"] = min(n, len(names))
             write_json(run_dir / "config.json", config)
             log(f"{len(names)} jobs, {config['jobs']} at once: {', '.join(names)}")
-            jobs = parallel.Jobs(spec, arms, names, n, p["work_dir"] / "jobs", log).start()
+            need = dict(zip(names, needs, strict=True))
+            gpus = parallel.gpu_capacity() if models.device_kind() == "cuda" else None
+            auto = parallel.parse_jobs(spec.jobs) is None
+            placer = parallel.Placer(gpus if auto else None, limit=n, devices=len(gpus or [0]))
+            jobs = parallel.Jobs(spec, arms, names, n, p["work_dir"] / "jobs", log, needs=need, placer=placer).start()
             if pending and _trained(p["work_dir"] / pending[0].name, arm_inputs(pending[0])) is None:
                 record_train_data(pending[0])  # for config.json, while the jobs run
             jobs.wait()

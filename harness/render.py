@@ -1,5 +1,7 @@
 """One report document, two renderings: Markdown (renders on a code-hosting site, images linked) and
-a self-contained HTML page (images embedded as data URIs, no network needed).
+a self-contained HTML page (images embedded as data URIs, no network needed). The HTML is the Markdown
+rendered by markdown-it-py (CommonMark plus tables, raw HTML kept for the <details> blocks) inside a
+Jinja2 page template, so both files carry the same text by construction.
 
 The report is built once as a list of blocks, so both files have the same sections by construction:
     ("h", level, text)            heading
@@ -35,14 +37,6 @@ figure img { max-width: 100%; height: auto; border: 1px solid #eaecef; }
 figcaption { color: #57606a; font-size: 13px; }
 details summary { cursor: pointer; font-weight: 600; }
 """.strip()
-
-
-def _inline_html(text: str) -> str:
-    out = html.escape(text, quote=False)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
-    out = re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<em>\1</em>", out)
-    return out
 
 
 def to_markdown(blocks: list[tuple]) -> str:
@@ -83,31 +77,61 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title>
+<style>
+{{ css }}
+</style>
+</head>
+<body>
+{{ body }}</body>
+</html>
+"""
+
+
+def _markdown_it(run_dir: Path):
+    """markdown-it-py with three rendering rules of the report's own: headings get an id (links to a
+    section), tables scroll inside a div, and a plot (an image alone in its paragraph) becomes a figure
+    with the SVG embedded."""
+    from markdown_it import MarkdownIt
+
+    # Raw HTML only as whole blocks (the report's own <details> lines); inside text, a "<" that looks
+    # like a tag (an error message, a task's prompt) stays text, as the old escaping renderer kept it.
+    md = MarkdownIt("commonmark", {"html": True}).enable("table").disable("html_inline")
+
+    def heading_open(renderer, tokens, idx, options, env):
+        tokens[idx].attrSet("id", _slug(tokens[idx + 1].content))
+        return renderer.renderToken(tokens, idx, options, env)
+
+    def image(renderer, tokens, idx, options, env):
+        tok = tokens[idx]
+        alt = html.escape(tok.content)
+        return (f'<figure><img src="{_data_uri(run_dir, tok.attrGet("src"))}" alt="{alt}">'
+                f"<figcaption>{alt}</figcaption></figure>")
+
+    def figure_paragraphs(state):
+        toks = state.tokens
+        for i in range(1, len(toks) - 1):
+            kids = toks[i].children or []
+            if toks[i].type == "inline" and len(kids) == 1 and kids[0].type == "image":
+                toks[i - 1].hidden = toks[i + 1].hidden = True  # no <p> around a <figure>
+
+    md.core.ruler.push("figure_paragraphs", figure_paragraphs)
+    md.add_render_rule("heading_open", heading_open)
+    md.add_render_rule("image", image)
+    md.add_render_rule("table_open", lambda *a: '<div class="table"><table>\n')
+    md.add_render_rule("table_close", lambda *a: "</table></div>\n")
+    return md
+
+
 def to_html(blocks: list[tuple], run_dir: Path, title: str) -> str:
-    body: list[str] = []
-    for b in blocks:
-        kind = b[0]
-        if kind == "h":
-            body.append(f'<h{b[1]} id="{_slug(b[2])}">{_inline_html(b[2])}</h{b[1]}>')
-        elif kind == "p":
-            body.append(f"<p>{_inline_html(b[1])}</p>")
-        elif kind == "ul":
-            body.append("<ul>\n" + "\n".join(f"<li>{_inline_html(i)}</li>" for i in b[1]) + "\n</ul>")
-        elif kind == "table":
-            head = "".join(f"<th>{_inline_html(h)}</th>" for h in b[1])
-            rows = "\n".join("<tr>" + "".join(f"<td>{_inline_html(str(c))}</td>" for c in row) + "</tr>"
-                             for row in b[2])
-            body.append(f'<div class="table"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n'
-                        "</tbody></table></div>")
-        elif kind == "img":
-            alt = html.escape(b[2])
-            body.append(f'<figure><img src="{_data_uri(run_dir, b[1])}" alt="{alt}">'
-                        f"<figcaption>{alt}</figcaption></figure>")
-        elif kind == "code":
-            body.append(f"<details><summary>{html.escape(b[1])}</summary>\n<pre>{html.escape(b[2])}</pre>\n</details>")
-        else:
-            raise ValueError(f"unknown block kind {kind!r}")
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{html.escape(title)}</title>\n<style>\n{CSS}\n</style>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")
+    import jinja2
+    from markupsafe import Markup
+
+    body = _markdown_it(run_dir).render(to_markdown(blocks))
+    page = jinja2.Environment(autoescape=True).from_string(PAGE)
+    return page.render(title=title, css=Markup(CSS), body=Markup(body))

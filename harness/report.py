@@ -345,10 +345,14 @@ def _interval(c: dict) -> str:
     return f"95% CI [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]"
 
 
-def _ci(c: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+def _ci(c: dict | None, scale: float = 100.0, digits: int = 1, *, detectable: bool = False) -> str:
+    """Δ [CI]; with `detectable`, a non-significant Δ also says the smallest |Δ| this n would detect
+    (80% power), so "no forgetting" reads as "none larger than this"."""
     if not c:
         return "n/a"
     sig = "" if c["significant"] else ", not significant"
+    if not c["significant"] and detectable and c.get("detectable") is not None:
+        sig += f" (detects ±{scale * c['detectable']:.{digits}f})"
     f = f"+.{digits}f"
     return f"{scale * c['delta']:{f}} [{scale * c['ci_low']:{f}}, {scale * c['ci_high']:{f}}]{sig}"
 
@@ -487,7 +491,7 @@ def _score_table(metrics: dict, tasks: list[str]) -> tuple:
         for a, c in zip(arms, comps):
             t = metrics["arms"][a]["tasks"].get(task)
             row += [_fmt(t["score"], pct=pct, digits=1 if pct else 4) if t else "n/a",
-                    _ci(c, scale=100.0 if pct else 1.0, digits=1 if pct else 4)]
+                    _ci(c, scale=100.0 if pct else 1.0, digits=1 if pct else 4, detectable=True)]
         rows.append(row)
     return ("table", header, rows)
 
@@ -607,7 +611,8 @@ def _drift(metrics: dict) -> list[tuple]:
                     "Reported beside the forgetting score, not in it."),
               ("table", ["arm", "KL general text", "KL domain prompts", "Δ bits per byte (general) [95% CI]"], rows)]
     if notes:
-        blocks.append(("p", "Left out of the forgetting score: " + "; ".join(sorted(set(notes))) + "."))
+        blocks.append(("p", "Left out of the forgetting score (suite tasks) and the learning score (in-domain): "
+                            + "; ".join(sorted(set(notes))) + "."))
     return blocks
 
 

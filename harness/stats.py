@@ -159,7 +159,8 @@ def paired_delta(
         "ci_low": ci_low,
         "ci_high": ci_high,
         "significant": bool(ci_low > 0 or ci_high < 0),
-        "detectable": detectable_delta(d, b, alpha=alpha) if weights is None else None,
+        # Weighted means (bits per byte, instruction-level accuracy): the bootstrap's SE stands in for sd/sqrt(n).
+        "detectable": detectable_delta(d, b, alpha=alpha) if weights is None else _detectable_from_se(boot, alpha),
         "rel_drop_pct": None if base_mean == 0 else 100.0 * (base_mean - arm_mean) / base_mean,
         "forgotten": None,
         "gained": None,
@@ -262,6 +263,12 @@ def detectable_delta(d: np.ndarray, base: np.ndarray, *, alpha: float = 0.05, po
     if sd == 0.0:
         sd = float(np.sqrt(2.0) * np.std(base, ddof=1)) if n > 1 else 0.0
     return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd / np.sqrt(max(n, 1)))
+
+
+def _detectable_from_se(boot: np.ndarray, alpha: float, power: float = 0.8) -> float:
+    from scipy.stats import norm
+
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * np.std(boot, ddof=1))
 
 
 def above_chance(correct: np.ndarray, n_choices: np.ndarray, *, alpha: float = 0.05) -> dict:

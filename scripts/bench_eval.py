@@ -187,8 +187,9 @@ def _write_section(path: Path, section: str) -> None:
     """Replace this script's section of a shared bench report (other bench scripts write theirs)."""
     from harness.io import write_text
 
+    heading = section.splitlines()[0]  # each script's own "## ..." line: it replaces only its section
     old = path.read_text() if path.exists() else ""
-    kept = re.sub(rf"(?ms)^{re.escape(SECTION)}\n.*?(?=^## |\Z)", "", old).rstrip()
+    kept = re.sub(rf"(?ms)^{re.escape(heading)}\n.*?(?=^## |\Z)", "", old).rstrip()
     head = "" if kept else f"# Benchmarks, {date.today()}\n"
     write_text(path, (kept or head) + "\n\n" + section)
 

@@ -91,6 +91,7 @@ def _timed(side, batch, path, config, samples, mirror, args, dev) -> dict:
                   gen_kwargs=f"max_gen_toks={args.max_gen_toks}", task_manager=evaluate.task_manager(),
                   random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     used = batch
+    evaluate.seed_checks(0)  # IFEval's langdetect draws at random: the same text scores alike on every side
     if side == "hf":
         out = simple_evaluate(model="hf", model_args=f"pretrained={path},dtype={args.dtype}", device=dev,
                               batch_size=batch, **common)

@@ -111,6 +111,8 @@ def run(tmp_path_factory, tiny_model, tiny_task, mirror):
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("HF_DATASETS_OFFLINE", "1")
         mp.setenv("HARNESS_CACHE", str(out / "cache"))
+        # Its own baseline cache: the base and base-nf4 are evaluated here, whichever tests ran before.
+        mp.setenv("HARNESS_BASELINES", str(out / "baselines"))
         result = _compare(out, tiny_model, tiny_task, mirror)
     assert result.exit_code == 0, result.output
     return out, result

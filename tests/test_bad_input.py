@@ -148,6 +148,20 @@ CASES = [
      ["arc_easy: num_fewshot must be >= 0, got -1"]),
     ("suite-option-unknown", lambda e: ["--suite", "nosuch"], ["unknown suite 'nosuch'"]),
     ("ifeval-without-nltk-data", "nltk", ["task ifeval", "punkt_tab", "set NLTK_DATA"]),
+    # Keys handed to peft / transformers, checked against them before a weight loads.
+    ("quant-key-typo", lambda e: ["quant.bnb_4bit_quant_typ=nf4", "--methods", "qlora"],
+     ["quant.bnb_4bit_quant_typ: not an argument of transformers.BitsAndBytesConfig", "did you mean bnb_4bit_quant_type?"]),
+    ("quant-compute-dtype", lambda e: ["quant.bnb_4bit_compute_dtype=bfloat61", "--methods", "qlora"],
+     ["quant.bnb_4bit_compute_dtype: 'bfloat61' is not a torch dtype"]),
+    ("quant-type-value", lambda e: ["quant.bnb_4bit_quant_type=nf5", "--methods", "qlora"], ["quant.bnb_4bit_quant_type: 'nf5'", "nf4, fp4"]),
+    ("lora-key-typo", lambda e: ["lora.lora_alhpa=32", "--methods", "lora"],
+     ["lora.lora_alhpa: not an argument of peft.LoraConfig", "did you mean lora_alpha?"]),
+    ("lora-target-missing", lambda e: ["lora.target_modules=[q_proj, nonexistent_proj]", "--methods", "lora"],
+     ["lora.target_modules: 'nonexistent_proj' matches no module of the model", "q_proj", "up_proj"]),
+    ("lora-target-pattern", lambda e: ["lora.target_modules=.*attn_out.*", "--methods", "qlora"],
+     ["lora.target_modules: the pattern '.*attn_out.*' matches no module"]),
+    ("scheduler-unknown", lambda e: ["training.lr_scheduler=bogus"],
+     ["training.lr_scheduler: 'bogus' is not a transformers scheduler", "cosine"]),
 ]
 
 
@@ -213,3 +227,39 @@ def test_report_of_a_truncated_record_names_the_file(tmp_path):
     assert f"{run_dir}/arms/base.json: corrupt or truncated JSON" in result.output
     assert "Traceback" not in result.output
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "report.md").exists()
+
+
+def _recorded_run(tmp_path, spec_extra: dict) -> Path:
+    run_dir = tmp_path / "results" / "finance" / "rid"
+    run_dir.mkdir(parents=True)
+    spec = {"task": "finance", "model": "m", "methods": ["full"], "profile": "quick", "mirror": None, "overrides": [],
+            "device": "cpu", "trust_remote_code": False, "allow_pickle": False, "include_path": [],
+            "work_dir": str(tmp_path / "w"), "suites": []} | spec_extra
+    (run_dir / "config.json").write_text(json.dumps({"spec": spec, "arms": {"full": {"method": "full", "overrides": []}}}))
+    return run_dir
+
+
+def test_resume_takes_code_running_permissions_from_the_command_line_only(tmp_path, monkeypatch):
+    """A config.json that grants remote code, pickles and a task-hook directory grants nothing on --resume."""
+    import harness.pipeline
+
+    seen = []
+    monkeypatch.setattr(harness.pipeline, "compare", lambda spec, arms: seen.append(spec) or tmp_path)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    run_dir = _recorded_run(tmp_path, {"trust_remote_code": True, "allow_pickle": True, "include_path": [str(hooks)]})
+    result = CliRunner().invoke(cli, ["compare", "--resume", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].trust_remote_code, seen[0].allow_pickle, seen[0].include_path) == (False, False, ())
+    assert seen[0].task == "finance" and seen[0].run_id == "rid"  # the rest is the recorded run
+    result = CliRunner().invoke(cli, ["compare", "--resume", str(run_dir), "--trust-remote-code",
+                                      "--include-path", str(hooks)])
+    assert result.exit_code == 0, result.output
+    assert (seen[1].trust_remote_code, seen[1].allow_pickle, seen[1].include_path) == (True, False, (str(hooks),))
+
+
+def test_resume_of_a_config_with_unknown_settings_is_one_line(tmp_path):
+    run_dir = _recorded_run(tmp_path, {"turbo": True})
+    result = CliRunner().invoke(cli, ["compare", "--resume", str(run_dir)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "config.json: spec records unknown settings turbo" in result.output

@@ -81,6 +81,41 @@ def test_generate_until_records_every_filter_as_its_own_metric(extra, tiny_model
         assert ev["results"]["tiny_qa"][key] == pytest.approx(np.mean([r[key] for r in recs]))
 
 
+def test_answer_task_scores_the_reference_answer_in_bits_per_byte(extra, tiny_model, mirror):
+    """`tiny_qa@answer`: per document, -log p(" " + answer | prompt) / (bytes ln 2), computed here by hand."""
+    import math
+
+    import torch
+
+    model = models.load_base(str(tiny_model))
+    tok = models.load_tokenizer(str(tiny_model))
+    ev = evaluate.evaluate(model, tok, [evaluate.TaskRun("tiny_qa@answer", limit=6)], mirror=mirror, batch_size=4)
+    recs = ev["samples"]["tiny_qa@answer"]
+    # The same seeded documents as the generate_until task it derives from.
+    assert [r["doc_id"] for r in recs] == evaluate.subsample(["tiny_qa"], 6, mirror=mirror, seed=0)["tiny_qa"]
+    docs = evaluate.eval_task("tiny_qa", mirror=mirror).eval_docs
+    for r in recs:
+        doc = docs[r["doc_id"]]
+        ctx, cont = f"question: {doc['question']} answer:", " " + doc["answer"]
+        ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]
+        whole = tok(ctx + cont, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+        ll = sum(logp[i - 1, whole[i]].item() for i in range(len(ctx_ids), len(whole)))
+        assert r["bits_per_byte:w"] == len(cont.encode())
+        assert r["bits_per_byte"] == pytest.approx(-ll / (len(cont.encode()) * math.log(2)), rel=1e-4)
+    weights = [r["bits_per_byte:w"] for r in recs]
+    pooled = sum(r["bits_per_byte"] * w for r, w in zip(recs, weights)) / sum(weights)
+    assert ev["results"]["tiny_qa@answer"]["bits_per_byte"] == pytest.approx(pooled, rel=1e-6)  # lm-eval's own
+
+
+def test_answer_task_of_a_task_that_does_not_generate_is_one_clear_error(extra, mirror):
+    with pytest.raises(evaluate.HarnessError, match=r"task boolq@answer: @answer scores a generate_until task.*boolq is multiple_choice"):
+        evaluate.task_config("boolq@answer", mirror=mirror)
+    with pytest.raises(evaluate.HarnessError, match="unknown lm-eval task 'tiny_qq'"):
+        evaluate.check_tasks(["tiny_qq@answer"])
+
+
 def test_known_exact_match_delta_is_paired_per_document():
     base = [{"doc_id": i, "doc_hash": None, "exact_match,strict-match": float(i < 6)} for i in range(10)]
     arm = [{"doc_id": i, "doc_hash": None, "exact_match,strict-match": float(i < 3 or i == 9)} for i in range(10)]
@@ -193,6 +228,10 @@ def test_free_text_domain_with_group_suite_trains_end_to_end(extra, tmp_path, ti
     # Free text: trained on prompt + answer; learning read from the filtered exact match.
     assert json.loads((run_dir / "arms/full.json").read_text())["train"]["steps"] > 0
     assert "exact_match,first-word" in comp["tasks"]["tiny_qa"]
+    # ... and from the reference answer's likelihood, on the same documents, beside the learning score.
+    ans = comp["tasks"]["tiny_qa@answer"]["bits_per_byte"]
+    assert ans["n"] == comp["tasks"]["tiny_qa"]["exact_match,first-word"]["n"] and ans["proportion"] is False
+    assert comp["excluded"]["tiny_qa@answer"].startswith("not a proportion")
     # The perplexity task in-domain: bits per byte paired per document, not a percentage.
     bpb = comp["tasks"]["tiny_qa_text"]["bits_per_byte"]
     assert bpb["proportion"] is False and bpb["n"] == 8  # the quick profile's limit
@@ -203,6 +242,7 @@ def test_free_text_domain_with_group_suite_trains_end_to_end(extra, tmp_path, ti
     assert kl["general"]["mean"] > 0 and kl["domain"]["mean"] > 0
     report = (run_dir / "report.md").read_text()
     assert "Distribution drift" in report and "tiny_group (group)" in report
+    assert "| tiny_qa@answer |" in report or "| tiny_qa@answer (" in report
     # samples/*.csv: one row per (document, filter, metric).
     rows = (run_dir / "samples/full.csv").read_text().splitlines()
     assert rows[0] == "task,doc_id,doc_hash,filter,metric,value,weight"
@@ -231,3 +271,16 @@ def test_samples_round_trip_one_row_per_metric_plain_and_gzipped(tmp_path):
         shutil.copyfileobj(src, dst)
     path.unlink()
     assert read_samples(tmp_path / "arm.csv") == back
+
+
+def test_ifeval_language_checks_give_one_verdict_per_text():
+    """langdetect samples at random on each call: unseeded, this text came back as no, sl, it or es."""
+    langdetect = pytest.importorskip("langdetect")
+    saved = langdetect.DetectorFactory.seed
+    langdetect.DetectorFactory.seed = None  # as a fresh process has it, whatever ran before
+    try:
+        evaluate.seed_checks(0)
+        text = "Ok ok. Yes, no - 3 4 fine la la"
+        assert len({langdetect.detect(text) for _ in range(40)}) == 1
+    finally:
+        langdetect.DetectorFactory.seed = saved

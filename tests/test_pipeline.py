@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -48,7 +49,6 @@ def test_scores_in_range_and_paired(run):
         assert comp["learning"]["tasks"] == ["finance_tweets", "finance_phrasebank"]
         drift = comp["perplexity"]["word_perplexity"]
         assert drift["base"] > 1 and drift["arm"] > 1
-        assert drift["delta"] == pytest.approx(drift["arm"] - drift["base"])
     assert m["arms"]["base"]["perplexity"]["n"] == 2  # the quick profile's perplexity_limit
     with open(out / "results/finance/t1/results.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -134,9 +134,7 @@ def test_resources_recorded_per_arm(run):
     for arm in ("base", "base-nf4", "full", "lora", "qlora"):
         rec = json.loads((out / f"results/finance/t1/arms/{arm}.json").read_text())
         er = rec["eval_resources"]
-        if er is None:  # a reference whose every task came from the (session-wide) baseline cache
-            assert rec["train"] is None and rec["baseline"]["tasks"]
-            continue
+        assert er is not None, arm  # the run fixture's own empty baseline cache: every arm was evaluated
         assert er["seconds"] > 0 and er["peak_rss_bytes"] > 0 and er["model_footprint_bytes"] > 0, arm
         assert er["peak_gpu_allocated_bytes"] is None and er["nvml_source"] is None  # CPU
         t = rec["train"]
@@ -195,6 +193,7 @@ def test_auto_jobs_fit_the_gpus_free_memory(monkeypatch):
     assert parallel.concurrency("auto", needs=[gib] * 4, device="cpu") == 1
     assert parallel.concurrency("3", needs=[gib] * 4, device="cpu") == 3
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (100 * gib, 141 * gib))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(parallel.os, "cpu_count", lambda: 16)
     small = parallel.job_memory("qlora", 135_000_000)  # SmolLM2: ~9.5 GiB, the evaluation's budget
     assert 9 * gib < small < 10 * gib
@@ -202,3 +201,80 @@ def test_auto_jobs_fit_the_gpus_free_memory(monkeypatch):
     big = parallel.job_memory("full", 7_000_000_000)  # 7B full fine-tuning: 16 bytes per parameter
     assert parallel.concurrency("auto", needs=[big, small, small], device="cuda") == 1
     assert parallel.concurrency("auto", needs=[small] * 12, device="cuda") == 8  # 16 cores
+
+
+def test_jobs_are_placed_on_gpus_by_their_memory(monkeypatch):
+    """Several GPUs (a fake list of capacities): large arms one per GPU, small jobs packed and spread,
+    a job too large for any GPU alone on an empty one, the next job started where one finished."""
+    import torch
+
+    from harness import parallel
+
+    gib = 2**30
+    sweep = parallel.Placer([68 * gib] * 4, limit=16)
+    for i in range(4):  # four 50 GiB arms on four GPUs: all at once, one each
+        d = sweep.device_for(50 * gib)
+        sweep.take(f"arm{i}", d, 50 * gib)
+    assert sorted(d for d, _ in sweep.where.values()) == [0, 1, 2, 3]
+    assert sweep.device_for(50 * gib) is None  # a fifth waits
+    sweep.release("arm2")
+    assert sweep.device_for(50 * gib) == 2
+
+    small = parallel.Placer([68 * gib, 68 * gib], limit=16)
+    for i in range(12):
+        d = small.device_for(10 * gib)
+        if d is None:
+            break
+        small.take(f"j{i}", d, 10 * gib)
+    assert small.count == [6, 6]  # 6 x 10 GiB fit in each 68 GiB, spread evenly
+    assert small.device_for(10 * gib) is None
+
+    huge = parallel.Placer([68 * gib, 40 * gib], limit=16)
+    assert huge.device_for(100 * gib) == 0  # alone, on the larger empty GPU
+    huge.take("big", 0, 100 * gib)
+    assert huge.device_for(30 * gib) == 1
+    assert huge.device_for(100 * gib) == 1  # another oversized job: alone on the other empty GPU
+    huge.take("small", 1, 30 * gib)
+    assert huge.device_for(100 * gib) is None  # no GPU is empty: it waits
+    assert parallel.Placer([68 * gib] * 2, limit=1).device_for(gib) == 0  # the cap on jobs at once
+    no_memory = parallel.Placer(None, limit=4, devices=2)  # --jobs N: the least busy device
+    no_memory.take("a", no_memory.device_for(0), 0)
+    assert no_memory.device_for(0) == 1
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (80 * gib, 141 * gib))
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 64)
+    big = parallel.job_memory("full", 3_000_000_000)  # ~49 GiB: one per 68 GiB GPU
+    assert parallel.concurrency("auto", needs=[big] * 3, device="cuda") == 2
+
+
+def test_each_job_sees_only_its_gpu(monkeypatch, tmp_path):
+    from harness import parallel
+    from harness.pipeline import Arm, CompareSpec
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert [parallel.visible_device(i) for i in (0, 1)] == ["4", "5"]
+    started = {}
+
+    class FakeChild:
+        def __init__(self, cmd, env, **kw):
+            job = Path(cmd[-1]).stem
+            started[job] = env.get("CUDA_VISIBLE_DEVICES")
+            self.pid, self.returncode, self.stdout = 1, 0, iter([f"[harness] {job} done\n"])
+
+        def poll(self):
+            return 0
+
+        def terminate(self):
+            pass
+
+    monkeypatch.setattr(parallel.subprocess, "Popen", FakeChild)
+    gib = 2**30
+    placer = parallel.Placer([68 * gib, 68 * gib], limit=4)
+    arms = [Arm("full", "full"), Arm("qlora", "qlora")]
+    jobs = parallel.Jobs(CompareSpec(task="finance", model="m"), arms, ["full", "qlora", "base"], 4,
+                         tmp_path / "jobs", lambda msg: None, needs={"full": 50 * gib, "qlora": 50 * gib,
+                                                                     "base": 10 * gib}, placer=placer)
+    jobs.start().wait()
+    assert started["full"] != started["qlora"] and {started["full"], started["qlora"]} == {"4", "5"}
+    assert started["base"] in ("4", "5") and placer.count == [0, 0]

@@ -69,7 +69,14 @@ def test_row_measurements(profiled):
         for k in ("weights", "grads", "optimizer", "activations", "total"):
             assert e[k] > 0, (r["method"], k)
         assert e["master"] == 0  # no autocast on CPU: the fp32 copy is the weights themselves
-        assert e["total"] == sum(e[k] for k in ("weights", "grads", "optimizer", "master", "activations"))
+    # precision "bf16" (the default): full fine-tuning trains bf16 weights (2 B), gradients (2 B) and AdamW's
+    # two moments (2 x 2 B); peft keeps adapters in fp32 (4 B, 4 B, 2 x 4 B) over a bf16 base.
+    full, lora = _expected_counts()
+    assert (rows["full"]["estimate"]["weights"], rows["full"]["estimate"]["grads"],
+            rows["full"]["estimate"]["optimizer"]) == (2 * full, 2 * full, 4 * full)
+    for m in ("lora", "qlora"):
+        assert (rows[m]["estimate"]["grads"], rows[m]["estimate"]["optimizer"]) == (4 * lora, 8 * lora)
+    assert rows["lora"]["estimate"]["weights"] == 2 * full + 4 * lora
     # The NF4 base is smaller than the bf16 one, and full FT carries far more optimizer state.
     assert rows["qlora"]["estimate"]["weights"] < rows["lora"]["estimate"]["weights"]
     assert rows["full"]["estimate"]["optimizer"] > 100 * rows["lora"]["estimate"]["optimizer"]

@@ -110,3 +110,35 @@ def test_training_on_cuda_graphs_is_said_beside_the_memory():
     assert "qlora" in note and "full" not in note and "1472 tokens" in note and "cuda_graphs=false" in note
     train["cuda_graphs"] = False
     assert len(report._training(metrics)) == 2  # no graphs, no note
+
+
+def test_a_not_significant_delta_says_what_this_n_could_detect():
+    from harness.report import _score_table
+
+    comp = {"delta": 0.01, "ci_low": -0.02, "ci_high": 0.04, "significant": False, "detectable": 0.0412,
+            "proportion": True}
+    metrics = {"arms": {"base": {"tasks": {"boolq": {"metric": "acc", "n": 300, "score": 0.6}}},
+                        "full": {"tasks": {"boolq": {"metric": "acc", "n": 300, "score": 0.61}}}},
+               "comparisons": {"full": {"tasks": {"boolq": {"acc": comp}}}}}
+    _, header, rows = _score_table(metrics, ["boolq"])
+    assert rows[0][-1] == "+1.0 [-2.0, +4.0], not significant (detects ±4.1)"
+    metrics["comparisons"]["full"]["tasks"]["boolq"]["acc"] = {**comp, "ci_low": 0.005, "significant": True}
+    assert _score_table(metrics, ["boolq"])[2][0][-1] == "+1.0 [+0.5, +4.0]"
+
+
+def test_html_is_the_markdown_rendered_with_plots_embedded(tmp_path):
+    from harness.render import to_html, to_markdown
+
+    (tmp_path / "scores.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    blocks = [("h", 2, "Forgetting & drift"), ("p", "arm **full** failed: `OutOfMemoryError` at <unk>"),
+              ("table", ["task", "Δ"], [["boolq", "*+1.0*"]]), ("img", "scores.png", "Scores per arm"),
+              ("code", "config.json", '{"a": 1}\n')]
+    page = to_html(blocks, tmp_path, "Report <t>")
+    body = page[page.index("<body>"):]
+    assert "<title>Report &lt;t&gt;</title>" in page
+    assert '<h2 id="forgetting-drift">Forgetting &amp; drift</h2>' in body
+    assert "<p>arm <strong>full</strong> failed: <code>OutOfMemoryError</code> at &lt;unk&gt;</p>" in body
+    assert '<div class="table"><table>' in body and "<td><em>+1.0</em></td>" in body
+    assert '<figure><img src="data:image/svg+xml;base64,' in body and "<p><figure>" not in body
+    assert "<details>\n<summary>config.json</summary>" in body and "&quot;a&quot;: 1" in body
+    assert "Forgetting & drift" in to_markdown(blocks)

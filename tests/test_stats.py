@@ -123,13 +123,12 @@ def test_aggregate_is_mean_of_task_deltas():
     t1 = flip_table(200, forgotten=30, gained=5, both_right=100)
     t2 = flip_table(50, forgotten=2, gained=4, both_right=20)
     agg = aggregate_delta({"a": t1, "b": t2}, n_boot=N_BOOT)
-    d1 = paired_delta(*t1, n_boot=10)["delta"]
-    d2 = paired_delta(*t2, n_boot=10)["delta"]
     assert agg["tasks"] == ["a", "b"]
     assert agg["n"] == {"a": 200, "b": 50}
-    assert agg["delta"] == pytest.approx((d1 + d2) / 2)
-    assert agg["base"] == pytest.approx((t1[0].mean() + t2[0].mean()) / 2)
-    assert agg["arm"] == pytest.approx((t1[1].mean() + t2[1].mean()) / 2)
+    # By hand: a's Δ = (5 - 30) / 200 = -0.125, b's = (4 - 2) / 50 = +0.04; each task counts once.
+    assert agg["delta"] == pytest.approx((-0.125 + 0.04) / 2)
+    assert agg["base"] == pytest.approx((130 / 200 + 22 / 50) / 2)
+    assert agg["arm"] == pytest.approx((105 / 200 + 24 / 50) / 2)
     assert agg["ci_low"] <= agg["delta"] <= agg["ci_high"]
     assert agg["significant"] == (agg["ci_low"] > 0 or agg["ci_high"] < 0)
     assert aggregate_delta({"a": t1, "b": t2}, n_boot=N_BOOT) == agg
@@ -210,3 +209,22 @@ def test_count_bootstrap_has_the_index_bootstraps_distribution(monkeypatch):
     assert fast.std() == pytest.approx(slow.std(), rel=0.03)
     assert fast.std() == pytest.approx(d.std() / np.sqrt(d.size), rel=0.03)
     np.testing.assert_allclose(np.quantile(fast, [0.025, 0.975]), np.quantile(slow, [0.025, 0.975]), atol=2e-3)
+
+
+def test_weighted_detectable_delta_is_the_bootstrap_se_times_the_power_factor():
+    """Bits per byte (weighted by bytes): no closed-form sd, so (z_.975 + z_.8) x bootstrap SE; four
+    times the documents, half the detectable Δ."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(3)
+    factor = norm.ppf(0.975) + norm.ppf(0.8)
+    out = {}
+    for n in (200, 800):
+        w = rng.integers(50, 500, n).astype(float)
+        base = rng.normal(1.0, 0.2, n)
+        arm = base + rng.normal(0.0, 0.05, n)
+        d = paired_delta(base, arm, weights=w, n_boot=4000, seed=0)
+        se = np.sqrt(np.sum((w / w.sum()) ** 2 * ((arm - base) - d["delta"]) ** 2))  # the ratio estimator's SE
+        assert d["detectable"] == pytest.approx(factor * se, rel=0.1)
+        out[n] = d["detectable"]
+    assert out[800] == pytest.approx(out[200] / 2, rel=0.2)

@@ -131,7 +131,13 @@ def test_flos_counted_as_transformers_does(tmp_path, tiny_model):
     batch = {"input_ids": torch.ones(2, 7, dtype=torch.long)}
     ours = train._trainer_class()(model=model, args=args)
     assert ours.floating_point_ops(batch) == Trainer(model=model, args=args).floating_point_ops(batch) > 0
-    assert ours.floating_point_ops(batch) == ours.floating_point_ops(batch)  # cached count, same answer
+    # Counted once: later calls (another batch shape too) do not walk the model again, and still agree.
+    walks = []
+    original = model.num_parameters
+    model.num_parameters = lambda *a, **k: walks.append(1) or original(*a, **k)
+    longer = {"input_ids": torch.ones(3, 11, dtype=torch.long)}
+    assert ours.floating_point_ops(longer) == Trainer(model=model, args=args).floating_point_ops(longer)
+    assert len(walks) == 1  # only the fresh Trainer counted
 
 
 def test_lean_steps_keeps_modes_and_gradients_as_trainer_expects(tiny_model):
