@@ -186,6 +186,8 @@ class TaskConfig:
     profiles: dict[str, Profile] = _help("quick and full profiles", default_factory=dict)
     kl: "KLConfig" = _help("distribution drift: KL(base || arm) of next-token distributions",
                            default_factory=lambda: KLConfig())
+    mitigation: "Mitigation" = _help("ways to forget less: frozen bottom layers, L2 toward the base",
+                                     default_factory=lambda: Mitigation())
 
     @property
     def suites(self) -> list[str]:
@@ -207,6 +209,25 @@ class TaskConfig:
         r = self.lora.get("r", 16)
         if not isinstance(r, int) or r <= 0:
             raise HarnessError(f"lora.r: must be a positive integer, got {r!r}")
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    """Ways to forget less, as arm settings (each recorded in the arm's inputs, so a change retrains)."""
+
+    freeze_layers: int = _help(
+        "freeze the lowest N decoder layers: their weights (full) or their adapters (lora, qlora) do not "
+        "train (Zheng et al. 2025, spurious forgetting sits in the bottom layers); 0: none", default=0)
+    l2_to_base: float = _help(
+        "full fine-tuning: add lambda x sum of (theta - theta_base)^2 over the trained weights to the loss, "
+        "pulling them toward the base (keeps an fp32 copy of the base weights; steps run without CUDA "
+        "graphs); 0: off", default=0.0)
+
+    def __post_init__(self):
+        if not isinstance(self.freeze_layers, int) or self.freeze_layers < 0:
+            raise HarnessError(f"mitigation.freeze_layers: must be an integer >= 0, got {self.freeze_layers!r}")
+        if self.l2_to_base < 0:
+            raise HarnessError(f"mitigation.l2_to_base: must be >= 0, got {self.l2_to_base}")
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,7 @@ BNB_QUANT_TYPES = ("nf4", "fp4")
 
 
 def check_method_settings(methods: set[str], path: str, *, lora: dict, quant: dict, lr_scheduler: str,
-                          where: str = "") -> None:
+                          mitigation=None, where: str = "") -> None:
     """Every key under `lora:` and `quant:` checked against the class it is handed to, and the values
     the model decides (target modules, scheduler), before any weight loads. Without this a typo under
     `quant:` is only "Unused kwargs" in the log and QLoRA runs the default quantization; a target
@@ -332,6 +332,14 @@ def check_method_settings(methods: set[str], path: str, *, lora: dict, quant: di
     if lr_scheduler not in schedulers:
         raise HarnessError(f"{where}training.lr_scheduler: {lr_scheduler!r} is not a transformers scheduler; "
                            f"valid: {', '.join(schedulers)}")
+    if mitigation is not None and mitigation.l2_to_base and methods - {"full"}:
+        raise HarnessError(f"{where}mitigation.l2_to_base: pulls full fine-tuning's weights toward the base; "
+                           f"method {', '.join(sorted(methods - {'full'}))} trains adapters (set it for full arms only)")
+    if mitigation is not None and mitigation.freeze_layers:
+        layers = json.loads((Path(path) / "config.json").read_text()).get("num_hidden_layers")
+        if isinstance(layers, int) and mitigation.freeze_layers >= layers:
+            raise HarnessError(f"{where}mitigation.freeze_layers: {mitigation.freeze_layers} would freeze every one of "
+                               f"the model's {layers} decoder layers; at most {layers - 1}")
     if methods & {"lora", "qlora"}:
         from peft import LoraConfig
 

@@ -227,7 +227,7 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     for arm in mine:  # lora:/quant: keys against peft and transformers, target modules against the model
         t = p["arm_tasks"][arm.name]
         models.check_method_settings({arm.method}, resolved.path, lora=t.lora, quant=t.quant,
-                                     lr_scheduler=t.training.lr_scheduler,
+                                     lr_scheduler=t.training.lr_scheduler, mitigation=t.mitigation,
                                      where="" if arm.name == arm.method else f"arm {arm.name}: ")
     _check_disk(n_params, mine, p["work_dir"])
     _check_saved(mine, p["work_dir"])

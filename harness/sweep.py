@@ -52,6 +52,8 @@ def _applies(key: str, method: str) -> bool:
         return method == "qlora"
     if key.startswith("methods."):
         return key.split(".")[1] == method
+    if key == "mitigation.l2_to_base":  # a pull toward the base weights: full fine-tuning's
+        return method == "full"
     return True
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -188,12 +189,25 @@ def _trainer_class():
 
         step_graph: StepGraph | None = None
 
+        l2_to_base: float = 0.0
+        l2_reference: dict | None = None  # name -> the base's value of each trained weight
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """The Trainer's own loss handling; with a StepGraph, the graph computes what the model would."""
+            """The Trainer's own loss handling; with a StepGraph, the graph computes what the model would.
+            With `l2_to_base` (mitigation.l2_to_base), plus lambda x sum (theta - theta_base)^2 once per
+            optimizer step (each micro-step adds its share when the Trainer does not average them)."""
             if self.step_graph is not None and model.training and not return_outputs:
                 model = self.step_graph
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if not self.l2_to_base or not self.model.training:
+                return out
+            reg = sum(((p - self.l2_reference[n]) ** 2).sum() for n, p in self.model.named_parameters()
+                      if p.requires_grad)
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:  # summed over micro-steps
+                reg = reg / self.args.gradient_accumulation_steps
+            extra = self.l2_to_base * reg
+            return (out[0] + extra, *out[1:]) if return_outputs else out + extra
 
     return CountOnceTrainer
 
@@ -280,6 +294,21 @@ def compiled_blocks(model, enabled: bool, **compile_kw):
             block._compiled_call_impl = None  # what nn.Module.compile set: the plain forward again
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def freeze_lowest_layers(model, n: int) -> int:
+    """Stop every parameter of decoder layers 0..n-1 from training (the weights themselves for full
+    fine-tuning, the adapters for LoRA/QLoRA); returns how many parameters were trainable there."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        m = _LAYER.search(name)
+        if m and int(m.group(1)) < n and p.requires_grad:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
 def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, examples: list[dict],
         out_dir: Path) -> TrainResult:
     """Train one arm; save its checkpoint or adapter under out_dir (the git-ignored work dir)."""
@@ -298,6 +327,11 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     model, trainable, total = models.build_model(
         method, model_path, lora=task.lora, quant=task.quant, gradient_checkpointing=t.gradient_checkpointing
     )
+    mit = task.mitigation
+    if mit.freeze_layers:
+        trainable -= freeze_lowest_layers(model, mit.freeze_layers)
+    if mit.l2_to_base and method != "full":
+        raise HarnessError(f"mitigation.l2_to_base: pulls full fine-tuning's weights toward the base; arm method is {method}")
     steps_per_epoch = math.ceil(len(examples) / batch)
     max_steps = math.ceil(steps_per_epoch * t.epochs)
     if profile.max_steps is not None:
@@ -331,7 +365,9 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     )
     # CUDA graphs need one shape for every step (packed rows padded to one length) and a step without
     # the Python that checkpointing's recomputation or compiled code runs.
-    graphs = t.cuda_graphs and t.packing and not t.gradient_checkpointing and not t.compile and graphs_available()
+    # (A mitigation changes which weights train or adds a loss term outside the captured step: no graphs.)
+    graphs = (t.cuda_graphs and t.packing and not t.gradient_checkpointing and not t.compile and graphs_available()
+              and not mit.freeze_layers and not mit.l2_to_base)
     data_collator = collator(tokenizer, packing=t.packing)
     length = packed_length(examples, micro) if graphs else None
     if graphs:
@@ -339,6 +375,9 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     trainer = _trainer_class()(model=model, args=args, train_dataset=examples, data_collator=data_collator,
                                callbacks=[_checkpoint_callback()(t, max_steps, arm=out_dir.name)])
     trainer.step_graph = StepGraph(model) if graphs else None
+    if mit.l2_to_base:
+        trainer.l2_to_base = mit.l2_to_base
+        trainer.l2_reference = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     checkpoint = resume_checkpoint(out_dir / "trainer")
     # A KV cache during training makes transformers skip the packed-sequence mask (examples would
     # attend across their boundaries); it is useless for training anyway.
@@ -378,6 +417,7 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         "tokens_per_second": tokens / seconds,
         "examples_per_second": seen / seconds,
         "trainable_params": trainable,
+        "mitigation": {"freeze_layers": mit.freeze_layers, "l2_to_base": mit.l2_to_base},
         "total_params": total,
         "trainable_pct": 100.0 * trainable / total,
         "base_4bit": models.is_4bit(model),

@@ -160,6 +160,10 @@ CASES = [
      ["lora.target_modules: 'nonexistent_proj' matches no module of the model", "q_proj", "up_proj"]),
     ("lora-target-pattern", lambda e: ["lora.target_modules=.*attn_out.*", "--methods", "qlora"],
      ["lora.target_modules: the pattern '.*attn_out.*' matches no module"]),
+    ("freeze-every-layer", lambda e: ["mitigation.freeze_layers=2"],
+     ["mitigation.freeze_layers: 2 would freeze every one of the model's 2 decoder layers"]),
+    ("l2-for-adapters", lambda e: ["mitigation.l2_to_base=0.1", "--methods", "qlora"],
+     ["mitigation.l2_to_base: pulls full fine-tuning's weights toward the base; method qlora"]),
     ("scheduler-unknown", lambda e: ["training.lr_scheduler=bogus"],
      ["training.lr_scheduler: 'bogus' is not a transformers scheduler", "cosine"]),
 ]

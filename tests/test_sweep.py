@@ -19,6 +19,11 @@ def test_grid_crosses_only_the_keys_a_method_uses():
     assert names == ["full", "qlora_r=8_learning_rate=1e-4", "qlora_r=8_learning_rate=2e-4",
                      "qlora_r=16_learning_rate=1e-4", "qlora_r=16_learning_rate=2e-4"]
     assert arms[1].overrides == ("lora.r=8", "methods.qlora.learning_rate=1e-4")
+    # The pull toward the base weights is full fine-tuning's; freezing layers applies to every method.
+    arms = arms_from_grid(["full", "qlora"], parse_grid(["mitigation.l2_to_base=0,1", "mitigation.freeze_layers=0,1"]))
+    assert [a.name for a in arms] == ["full_l2_to_base=0_freeze_layers=0", "full_l2_to_base=0_freeze_layers=1",
+                                      "full_l2_to_base=1_freeze_layers=0", "full_l2_to_base=1_freeze_layers=1",
+                                      "qlora_freeze_layers=0", "qlora_freeze_layers=1"]
 
 
 @pytest.mark.parametrize("items, message", [(["lora.r"], "expected key.path=value1"), (["lora.r="], "no values")])
