@@ -16,18 +16,14 @@ memory is its own process's (torch's allocator); the device-wide NVML figure is 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from harness.config import HarnessError
 
 SHARED_DEVICE_ENV = "HARNESS_SHARED_DEVICE"  # set in each child: resources.measure skips NVML
-PATH_FIELDS = ("results_dir", "work_dir", "baselines_dir")
 GiB = 2**30
 
 
@@ -133,18 +129,51 @@ def visible_device(index: int) -> str:
     return str(index)
 
 
-@dataclasses.dataclass
-class _Job:
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One unit of a compare, picklable: the spec restricted to this job (a reference's evaluation, or
+    an arm's training and evaluation), the arms, the environment its process starts with, its log."""
+
     name: str
-    proc: subprocess.Popen
+    spec: object  # pipeline.CompareSpec with only=(name,)
+    arms: tuple
+    env: dict
     log: Path
+
+
+def run_job(job: Job) -> str:
+    """In the child: the job's part of `pipeline.compare`. A HarnessError comes back to the parent as itself."""
+    from harness.pipeline import compare
+
+    compare(job.spec, list(job.arms))
+    return job.name
+
+
+def _child_start(env: dict, log: str) -> None:
+    """A job's process, before it imports torch: its environment (its GPU, thread count), and its
+    stdout and stderr (progress bars included) into the job's log."""
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+
+
+@dataclasses.dataclass
+class _Running:
+    job: Job
+    pool: object  # the job's own ProcessPoolExecutor (one worker, one task)
+    future: object
     start: float
-    last_error: str = ""
-    reader: threading.Thread | None = None
+    offset: int = 0  # how far its log has been relayed
 
 
 class Jobs:
-    """Child processes, `n` at a time, in the order given (put the longest first)."""
+    """Jobs, `n` at a time, in the order given (put the longest first), each in a fresh process of a
+    standard executor (`ProcessPoolExecutor`, spawn context, one worker and one task per job: the
+    job's GPU is set before CUDA starts, and nothing stays loaded between jobs). Results and errors
+    come back as objects; the harness's own stage lines in each log are relayed to this terminal."""
 
     def __init__(self, spec, arms, names: list[str], n: int, log_dir: Path, log, *,
                  needs: dict[str, float] | None = None, placer: Placer | None = None):
@@ -153,11 +182,10 @@ class Jobs:
         self.placer = placer or Placer(None, limit=n)  # one device, n at a time
         self.log_dir, self.log = Path(log_dir), log
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.running: list[_Job] = []
+        self.running: list[_Running] = []
         self.failed: list[str] = []
         self.total = len(names)
         self.finished = 0
-        self._lock = threading.Lock()
 
     def start(self) -> Jobs:
         """Start queued jobs, in order, while the next one has a device (a job never overtakes an
@@ -173,87 +201,87 @@ class Jobs:
         return self
 
     def _launch(self, name: str, device: int = 0) -> None:
-        spec = dataclasses.replace(self.spec, only=(name,))
-        payload = {"spec": {k: _plain(v) for k, v in dataclasses.asdict(spec).items()},
-                   "arms": [dataclasses.asdict(a) for a in self.arms]}
-        job_file = self.log_dir / f"{name}.json"
-        job_file.write_text(json.dumps(payload))
-        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // self.n)),  # a user's setting wins
-               **os.environ, SHARED_DEVICE_ENV: "1", "HARNESS_JOB": name}
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 2) // self.n)),
+               SHARED_DEVICE_ENV: "1", "HARNESS_JOB": name,
+               "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
         if len(self.placer.used) > 1:  # several GPUs: this job sees only its own
             env["CUDA_VISIBLE_DEVICES"] = visible_device(device)
         log = self.log_dir / f"{name}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "harness.parallel", str(job_file)], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
-        job = _Job(name, proc, log, time.perf_counter())
-        job.reader = threading.Thread(target=self._relay, args=(job,), daemon=True)
-        job.reader.start()
-        self.running.append(job)
+        job = Job(name, dataclasses.replace(self.spec, only=(name,)), tuple(self.arms), env, log)
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_child_start, initargs=(env, str(log)))
+        self.running.append(_Running(job, pool, pool.submit(run_job, job), time.perf_counter()))
         where = f"GPU {device}; " if len(self.placer.used) > 1 else ""
-        self.log(f"job {name}: started (pid {proc.pid}; {where}{len(self.running)} running; log {log})")
+        self.log(f"job {name}: started ({where}{len(self.running)} running; log {log})")
 
-    def _relay(self, job: _Job) -> None:
-        """Every line to the job's log (progress bars included: `tail -f` it); the harness's own stage
-        lines on to this terminal."""
-        with open(job.log, "w") as fh:
-            for line in job.proc.stdout:
-                fh.write(line)
-                fh.flush()
-                text = line.rstrip()
-                if text.startswith("[harness"):
-                    with self._lock:
-                        print(text, file=sys.stderr, flush=True)
-                elif text.startswith(("Error:", "harness: error")) or "Error" in text.split(":")[0]:
-                    job.last_error = text
+    def _relay(self, r: _Running) -> None:
+        """New lines of the job's log: the harness's stage lines on to this terminal."""
+        try:
+            with open(r.job.log, errors="replace") as fh:
+                fh.seek(r.offset)
+                text = fh.read()
+        except OSError:  # not created yet
+            return
+        done = text.rfind("\n") + 1
+        r.offset += len(text[:done].encode("utf-8", errors="replace"))
+        for line in text[:done].splitlines():
+            if line.startswith("[harness"):
+                print(line, file=sys.stderr, flush=True)
 
     def wait(self) -> None:
         """Until every job ends; then one error naming the jobs that failed (the others' records stand)."""
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_for
+
         try:
             while self.running:
-                time.sleep(0.5)
-                for job in [j for j in self.running if j.proc.poll() is not None]:
-                    job.reader.join()
-                    self.running.remove(job)
-                    self.placer.release(job.name)
+                wait_for([r.future for r in self.running], timeout=0.5, return_when=FIRST_COMPLETED)
+                for r in list(self.running):
+                    self._relay(r)
+                    if not r.future.done():
+                        continue
+                    self.running.remove(r)
+                    r.pool.shutdown()
+                    self.placer.release(r.job.name)
                     self.finished += 1
-                    rc, took = job.proc.returncode, time.perf_counter() - job.start
-                    if rc:
-                        self.failed.append(f"{job.name} (exit {rc}: {job.last_error or 'see ' + str(job.log)})")
-                    self.log(f"job {job.name}: {'FAILED' if rc else 'done'} in {took:.0f}s "
+                    error = _failure(r)
+                    if error:
+                        self.failed.append(f"{r.job.name} ({error})")
+                    self.log(f"job {r.job.name}: {'FAILED' if error else 'done'} in {time.perf_counter() - r.start:.0f}s "
                              f"({self.finished} of {self.total})")
                     self.start()
         finally:
-            for job in self.running:  # interrupted: stop the children too
-                job.proc.terminate()
+            for r in self.running:  # interrupted: stop the children too
+                _stop(r.pool)
         if self.failed:
             raise HarnessError(f"jobs failed: {'; '.join(self.failed)}; finished jobs are kept, re-run the same "
                                "--run-id to redo the others")
 
 
-def _plain(v):
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, tuple):
-        return list(v)
-    return v
+def _failure(r: _Running) -> str:
+    """'' for a job that finished; else what went wrong, the traceback (if any) appended to its log."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    e = r.future.exception()
+    if e is None:
+        return ""
+    if isinstance(e, HarnessError):
+        return str(e)
+    if isinstance(e, BrokenProcessPool):
+        return f"its process died; see {r.job.log}"
+    import traceback
+
+    with open(r.job.log, "a") as fh:
+        fh.write("".join(traceback.format_exception(e)))
+    return f"{type(e).__name__}: {e}; traceback in {r.job.log}"
 
 
-def main(job_file: str) -> int:
-    """A child: run one job of a compare (see Jobs._launch)."""
-    from harness.pipeline import Arm, CompareSpec, compare
-
-    payload = json.loads(Path(job_file).read_text())
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in payload["spec"].items()}
-    kw.update({k: Path(kw[k]) for k in PATH_FIELDS})
-    arms = [Arm(a["name"], a["method"], tuple(a["overrides"])) for a in payload["arms"]]
-    try:
-        compare(CompareSpec(**kw), arms)
-    except HarnessError as e:
-        print(f"Error: {e}", flush=True)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    sys.exit(main(sys.argv[1]))
+def _stop(pool) -> None:
+    """Terminate a job's process now. The executor has no public call for it before Python 3.14
+    (terminate_workers); its worker table is the one private name used."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        proc.terminate()

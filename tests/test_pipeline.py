@@ -256,19 +256,24 @@ def test_each_job_sees_only_its_gpu(monkeypatch, tmp_path):
     assert [parallel.visible_device(i) for i in (0, 1)] == ["4", "5"]
     started = {}
 
-    class FakeChild:
-        def __init__(self, cmd, env, **kw):
-            job = Path(cmd[-1]).stem
-            started[job] = env.get("CUDA_VISIBLE_DEVICES")
-            self.pid, self.returncode, self.stdout = 1, 0, iter([f"[harness] {job} done\n"])
+    class FakePool:  # stands in for ProcessPoolExecutor: records the environment each job's process gets
+        def __init__(self, max_workers, mp_context, initializer, initargs):
+            self.env = initargs[0]
 
-        def poll(self):
-            return 0
+        def submit(self, fn, job):
+            import concurrent.futures
 
-        def terminate(self):
+            started[job.name] = self.env.get("CUDA_VISIBLE_DEVICES")
+            done = concurrent.futures.Future()
+            done.set_result(job.name)
+            return done
+
+        def shutdown(self, **kw):
             pass
 
-    monkeypatch.setattr(parallel.subprocess, "Popen", FakeChild)
+    import concurrent.futures
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", FakePool)
     gib = 2**30
     placer = parallel.Placer([68 * gib, 68 * gib], limit=4)
     arms = [Arm("full", "full"), Arm("qlora", "qlora")]
@@ -278,3 +283,19 @@ def test_each_job_sees_only_its_gpu(monkeypatch, tmp_path):
     jobs.start().wait()
     assert started["full"] != started["qlora"] and {started["full"], started["qlora"]} == {"4", "5"}
     assert started["base"] in ("4", "5") and placer.count == [0, 0]
+
+
+def test_a_jobs_error_comes_back_as_an_object(tmp_path):
+    """A real child process (spawn) whose job stops with a HarnessError: the parent names the job and
+    the error's own line, not text scraped from its output; the job's log holds what it printed."""
+    from harness import parallel
+    from harness.pipeline import Arm, CompareSpec
+
+    spec = CompareSpec(task="no-such-task", model="m", results_dir=tmp_path / "r", work_dir=tmp_path / "w")
+    lines = []
+    jobs = parallel.Jobs(spec, [Arm("full", "full")], ["full"], 1, tmp_path / "jobs", lines.append)
+    with pytest.raises(parallel.HarnessError) as e:
+        jobs.start().wait()
+    assert str(e.value).startswith("jobs failed: full (unknown task 'no-such-task'")
+    assert "job full: FAILED" in lines[-1]
+    assert (tmp_path / "jobs" / "full.log").exists()
