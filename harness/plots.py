@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from harness.stats import pareto_front
+
 NF4_REFERENCE = "base-nf4"
 
 
@@ -52,16 +54,6 @@ def scores(metrics: dict, tasks: list[str], run_dir: Path) -> None:
     ax.set_ylim(0, 100)
     ax.set_title(f"{metrics['task']}: before (base) and after fine-tuning — {metrics['profile']['name']} profile")
     _save(plt, fig, run_dir / "scores")
-
-
-def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
-    """Names of the points no other point beats on both axes (more learning, less forgetting)."""
-    front = []
-    for name, x, y in points:
-        dominated = any(ox >= x and oy >= y and (ox > x or oy > y) for _, ox, oy in points)
-        if not dominated:
-            front.append(name)
-    return front
 
 
 def tradeoff(metrics: dict, run_dir: Path) -> None:

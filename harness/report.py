@@ -575,7 +575,41 @@ def _aggregates(metrics: dict) -> list[tuple]:
             rows.append([label, _ci(comp["forgetting"]), bid_s, _ci(comp["learning"])])
     header = ["arm", "forgetting score: mean Δ over the suite",
               "Biderman et al. avg (hellaswag, arc_challenge, winogrande acc)", "learning: mean in-domain Δ"]
-    return [("h", 2, "Aggregates"), ("table", header, rows)]
+    return [("h", 2, "Aggregates"), ("table", header, rows), *_matched(metrics)]
+
+
+def _matched(metrics: dict) -> list[tuple]:
+    """Forgetting at matched learning (stats.matched_learning), with the arms each figure comes from."""
+    points: dict[str, list] = {}
+    comps = metrics["comparisons"]
+    for arm, c in comps.items():
+        train = metrics["arms"].get(arm, {}).get("train")
+        if not train or not (c.get("forgetting") and c.get("learning")):
+            continue
+        points.setdefault(train["method"], []).append((arm, 100 * c["learning"]["delta"], 100 * c["forgetting"]["delta"]))
+    m = stats.matched_learning(points)
+    if not m or len(m["methods"]) < 2:
+        return []
+    def cell(a: str) -> str:
+        if a == "base":
+            return "the base (0, 0)"
+        return f"{a} (learning {100 * comps[a]['learning']['delta']:+.1f}, forgetting {_ci(comps[a]['forgetting'])})"
+
+    rows = []
+    for method, r in m["methods"].items():
+        lo, hi = r["between"]
+        if r["weight"] in (0.0, 1.0):
+            src = "at " + cell(hi if r["weight"] == 1.0 else lo)
+        else:
+            src = f"between {cell(lo)} and {cell(hi)}"
+        rows.append([method, f"{r['forgetting']:+.1f}", src])
+    return [("h", 3, "Forgetting at matched learning"),
+            ("p", f"The forgetting score of each method at a mean in-domain gain of {m['learning']:+.1f} points, the "
+                  "most learning every method reached (Biderman et al. 2024 compare methods this way). It is read "
+                  "off each method's frontier: its arms that no other arm of the method beats on both axes, "
+                  "joined in order of learning from the base (0, 0). An interpolated figure has no CI of its "
+                  "own; the arms it comes from are listed with theirs."),
+            ("table", ["method", "forgetting score at matched learning", "from"], rows)]
 
 
 def _kl_cell(k: dict | None) -> str:

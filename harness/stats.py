@@ -378,3 +378,41 @@ def perplexity_drift(base: Mapping[str, float], arm: Mapping[str, float]) -> dic
             "rel_pct": None if b == 0 else 100.0 * (a - b) / b,
         }
     return out
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the points no other point beats on both axes (more learning, less forgetting)."""
+    front = []
+    for name, x, y in points:
+        dominated = any(ox >= x and oy >= y and (ox > x or oy > y) for _, ox, oy in points)
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def matched_learning(points: dict[str, list[tuple[str, float, float]]]) -> dict | None:
+    """Forgetting compared at one amount of learning (Biderman et al. 2024), from (arm, learning,
+    forgetting score) points per method.
+
+    Each method's frontier is its Pareto-optimal points in order of learning, starting from the base
+    (no learning, no forgetting). The matched level is the most learning every method reached (the
+    smallest of the methods' best). Each method's forgetting there is read by linear interpolation
+    between the two frontier points around it. None with fewer than two methods or no learning."""
+    points = {m: [p for p in pts if p[1] is not None and p[2] is not None] for m, pts in points.items()}
+    points = {m: pts for m, pts in points.items() if pts}
+    if len(points) < 2:
+        return None
+    level = min(max(p[1] for p in pts) for pts in points.values())
+    if level <= 0:
+        return None
+    out = {}
+    for method, pts in points.items():
+        front = set(pareto_front(pts))
+        chain = [("base", 0.0, 0.0)] + sorted((p for p in pts if p[0] in front and p[1] > 0), key=lambda p: p[1])
+        for lo, hi in zip(chain, chain[1:]):
+            if lo[1] <= level <= hi[1]:
+                t = (level - lo[1]) / (hi[1] - lo[1]) if hi[1] > lo[1] else 1.0
+                out[method] = {"forgetting": lo[2] + t * (hi[2] - lo[2]), "between": [lo[0], hi[0]], "weight": t}
+                break
+    return {"learning": level, "methods": out}
+

@@ -142,3 +142,21 @@ def test_html_is_the_markdown_rendered_with_plots_embedded(tmp_path):
     assert '<figure><img src="data:image/svg+xml;base64,' in body and "<p><figure>" not in body
     assert "<details>\n<summary>config.json</summary>" in body and "&quot;a&quot;: 1" in body
     assert "Forgetting & drift" in to_markdown(blocks)
+
+
+def test_matched_learning_section_names_the_arms_it_reads():
+    from harness.report import _matched
+
+    def comp(learning, forgetting):
+        ci = {"significant": True, "ci_low": forgetting - 0.01, "ci_high": forgetting + 0.01}
+        return {"learning": {"delta": learning}, "forgetting": {"delta": forgetting, **ci}}
+
+    metrics = {"arms": {"full": {"train": {"method": "full"}}, "qlora": {"train": {"method": "qlora"}},
+                        "base-nf4": {"train": None}},
+               "comparisons": {"full": comp(0.20, -0.04), "qlora": comp(0.10, -0.01), "base-nf4": comp(0.0, -0.02)}}
+    blocks = _matched(metrics)
+    assert blocks[0] == ("h", 3, "Forgetting at matched learning") and "+10.0 points" in blocks[1][1]
+    rows = {r[0]: r for r in blocks[2][2]}
+    assert set(rows) == {"full", "qlora"}  # the 4-bit reference is not a method
+    assert rows["full"][1] == "-2.0" and rows["full"][2].startswith("between the base (0, 0) and full (learning +20.0")
+    assert rows["qlora"][1] == "-1.0" and rows["qlora"][2].startswith("at qlora (learning +10.0, forgetting -1.0 [")

@@ -228,3 +228,20 @@ def test_weighted_detectable_delta_is_the_bootstrap_se_times_the_power_factor():
         assert d["detectable"] == pytest.approx(factor * se, rel=0.1)
         out[n] = d["detectable"]
     assert out[800] == pytest.approx(out[200] / 2, rel=0.2)
+
+
+def test_matched_learning_reads_each_methods_frontier_at_the_common_level():
+    from harness.stats import matched_learning
+
+    points = {"full": [("f1", 10.0, -2.0), ("f2", 20.0, -6.0)],
+              "lora": [("l1", 8.0, -1.0), ("l2", 15.0, -2.0), ("l3", 12.0, -5.0)]}  # l3: beaten by l2
+    m = matched_learning(points)
+    assert m["learning"] == 15.0  # lora's best; full reached more
+    assert m["methods"]["full"] == {"forgetting": pytest.approx(-4.0), "between": ["f1", "f2"], "weight": 0.5}
+    assert m["methods"]["lora"] == {"forgetting": pytest.approx(-2.0), "between": ["l1", "l2"], "weight": 1.0}
+    # One arm per method (a plain compare): the line from the base to the arm.
+    one = matched_learning({"full": [("full", 20.0, -4.0)], "qlora": [("qlora", 10.0, -1.0)]})
+    assert one["learning"] == 10.0
+    assert one["methods"]["full"]["forgetting"] == pytest.approx(-2.0)
+    assert one["methods"]["full"]["between"] == ["base", "full"]
+    assert matched_learning({"full": [("f", 5.0, 1.0)]}) is None  # one method: nothing to match

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from harness.cli import cli
 from harness.config import HarnessError
-from harness.plots import pareto_front
+from harness.stats import pareto_front
 from harness.sweep import arms_from_grid, parse_grid
 
 
