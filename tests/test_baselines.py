@@ -57,3 +57,12 @@ def test_model_hash_follows_content_not_path(tmp_path, tiny_model):
     assert baselines.model_sha256(copy) == baselines.model_sha256(tiny_model)
     (copy / "config.json").write_text((copy / "config.json").read_text().replace("64", "65", 1))
     assert baselines.model_sha256(copy) != baselines.model_sha256(tiny_model)
+
+
+def test_ifeval_entries_from_before_seeded_checks_are_not_reused():
+    from harness.evaluate import TaskRun
+    from harness.pipeline import _run_extra
+
+    assert _run_extra(TaskRun("ifeval", chat_template=True, max_gen_toks=256)) == {
+        "chat_template": True, "max_gen_toks": 256, "checks": "seeded"}
+    assert _run_extra(TaskRun("arc_easy")) == {}  # other tasks keep their earlier keys
