@@ -64,9 +64,10 @@ def concurrency(requested: str | int, *, needs: list[int], device: str) -> int:
     placer = Placer(gpu_capacity(), limit=max(1, (os.cpu_count() or 2) // 2))
     fitted = 0
     for i, need in enumerate(sorted(needs, reverse=True)):  # the largest first: the worst case that must fit
-        if placer.device_for(need) is None:
+        device = placer.device_for(need)
+        if device is None:
             break
-        placer.take(str(i), placer.device_for(need), need)
+        placer.take(str(i), device, need)
         fitted += 1
     return max(1, fitted)
 

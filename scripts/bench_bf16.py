@@ -59,10 +59,9 @@ def main() -> None:
             return lm
 
         evaluate.make_lm = make_lm
-        ns = argparse.Namespace(dtype=dtype + (f",softmax_dtype={softmax}" if side == "hf" and softmax else ""),
-                                limit=args.limit)
-        if side == "harness":
-            ns.dtype = dtype
+        # lm-eval hf takes its softmax dtype in model_args; the harness's is set by make_lm above.
+        hf_softmax = f",softmax_dtype={softmax}" if side == "hf" and softmax else ""
+        ns = argparse.Namespace(dtype=dtype + hf_softmax, limit=args.limit)
         try:
             seconds, _, resp = _run(side, path, tasks, configs, samples, mirror, ns, dev, args.batch_size)
         except Exception as e:  # one setting that lm-eval refuses still leaves the others' figures
