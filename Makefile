@@ -1,5 +1,6 @@
 # make setup                  fresh machine: virtualenv + everything (CPU torch wheel first if no torch)
 # make compare TASK=finance   the main job on the default model (smollm2-135m-instruct); JOBS=1: one job at a time
+# make sweep GRID=tasks/sweeps/finance.yaml   a study: one arm per grid point (harness sweep --grid-file)
 # make test                   the test suite (what .ci/run runs)
 # make bench                  every scripts/bench_*.py (plain lm-eval vs the harness, TRL SFTTrainer vs the
 #                             harness; needs the bench extra): results/bench/
@@ -10,6 +11,7 @@ METHODS ?= full,qlora
 PROFILE ?=
 RUN_ID  ?=
 JOBS    ?=
+GRID    ?= tasks/sweeps/$(TASK).yaml
 # Datasets come from the hub unless a mirror is named; ../shared/hf-mirror is used when it exists.
 HARNESS_MIRROR ?= $(wildcard ../shared/hf-mirror)
 export HARNESS_MIRROR
@@ -17,12 +19,16 @@ export HARNESS_MIRROR
 NLTK_DATA ?= $(wildcard ../shared/nltk_data)
 export NLTK_DATA
 
-.PHONY: setup compare report test test-fast bench clean
+.PHONY: setup compare sweep report test test-fast bench clean
 setup:
 	bash scripts/setup.sh $(VENV)
 
 compare:
 	$(VENV)/bin/harness compare --task $(TASK) --model $(MODEL) --methods $(METHODS) \
+		$(if $(PROFILE),--profile $(PROFILE)) $(if $(RUN_ID),--run-id $(RUN_ID)) $(if $(JOBS),--jobs $(JOBS))
+
+sweep:
+	$(VENV)/bin/harness sweep --task $(TASK) --model $(MODEL) --grid-file $(GRID) \
 		$(if $(PROFILE),--profile $(PROFILE)) $(if $(RUN_ID),--run-id $(RUN_ID)) $(if $(JOBS),--jobs $(JOBS))
 
 report:

@@ -179,11 +179,12 @@ def sweep(methods, grid, grid_file, **kw):
         return
 
     def expand():
-        file_methods, file_grid = load_grid_file(grid_file) if grid_file else ([], {})
-        points = {**file_grid, **parse_grid(list(grid))}
-        if not points:
+        f = load_grid_file(grid_file) if grid_file else None
+        points = {**(f.grid if f else {}), **parse_grid(list(grid))}
+        if not points and not (f and f.arms):
             raise HarnessError("sweep: give at least one --grid KEY=V1,V2 or a --grid-file")
-        return arms_from_grid(list(file_methods or methods), points)
+        methods_ = list((f and f.methods) or methods)
+        return arms_from_grid(methods_ if points else [], points, f.common if f else None, f.arms if f else ())
 
     arms = _guard(expand)
     click.echo(_guard(run_compare, _spec(tuple(a.method for a in arms), **kw), arms) / "report.md")

@@ -93,8 +93,17 @@ class Training:
         "on a GPU, capture one micro-step's forward and backward as CUDA graphs and replay them (packed rows "
         "padded to one length): removes per-layer Python and launch overhead, which bounds a small model's "
         "steps. Needs packing; off with gradient checkpointing or compile", default=True)
+    eval_at: list[float] = _help(
+        "forgetting curves: also evaluate the arm's weights at these fractions of its steps, e.g. [0.25, 0.5] "
+        "(each a point `<arm>_at=0.25` of the report, evaluated like the arm; 1.0 is the arm itself)",
+        default_factory=list)
 
     def __post_init__(self):
+        for f in self.eval_at:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                raise HarnessError(f"training.eval_at: each entry a fraction of the steps in (0, 1], got {f!r}")
+        if len(set(self.eval_at)) != len(self.eval_at):
+            raise HarnessError(f"training.eval_at: listed twice in {self.eval_at}")
         if self.epochs <= 0:
             raise HarnessError(f"training.epochs: must be > 0, got {self.epochs}")
         if self.batch_size <= 0:
@@ -186,7 +195,8 @@ class TaskConfig:
     profiles: dict[str, Profile] = _help("quick and full profiles", default_factory=dict)
     kl: "KLConfig" = _help("distribution drift: KL(base || arm) of next-token distributions",
                            default_factory=lambda: KLConfig())
-    mitigation: "Mitigation" = _help("ways to forget less: frozen bottom layers, L2 toward the base",
+    mitigation: "Mitigation" = _help("ways to forget less: frozen bottom layers, L2 toward the base, replay, "
+                                     "interpolation toward the base",
                                      default_factory=lambda: Mitigation())
 
     @property
@@ -212,6 +222,29 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class Replay:
+    """General text mixed into an arm's training examples (harness/replay.py)."""
+
+    fraction: float = _help("share of the training mix that is replay, in (0, 1): replay examples = "
+                            "fraction / (1 - fraction) x the domain examples")
+    source: str = _help(
+        "`self`: the base model's own samples from an empty context (no outside data, nothing evaluated); or a "
+        "hub dataset id (read from the mirror when one is set) whose `field` is plain text", default="self")
+    config: str | None = _help("dataset config name (source a dataset)", default=None)
+    split: str = _help("dataset split (source a dataset); one an evaluated task scores is refused", default="train")
+    field: str = _help("the dataset's text column (source a dataset)", default="text")
+    max_new_tokens: int = _help("source self: tokens per sample (training.max_length also bounds it)", default=128)
+
+    def __post_init__(self):
+        if isinstance(self.fraction, bool) or not 0 < self.fraction < 1:
+            raise HarnessError(f"mitigation.replay.fraction: must be in (0, 1), got {self.fraction!r}")
+        if not self.source:
+            raise HarnessError("mitigation.replay.source: `self` or a dataset id")
+        if self.max_new_tokens < 1:
+            raise HarnessError(f"mitigation.replay.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
 class Mitigation:
     """Ways to forget less, as arm settings (each recorded in the arm's inputs, so a change retrains)."""
 
@@ -222,8 +255,22 @@ class Mitigation:
         "full fine-tuning: add lambda x sum of (theta - theta_base)^2 over the trained weights to the loss, "
         "pulling them toward the base (keeps an fp32 copy of the base weights; steps run without CUDA "
         "graphs); 0: off", default=0.0)
+    replay: Replay | None = _help(
+        "mix general text into training: {fraction: 0.1, source: self} (the base's own samples) or {fraction, "
+        "source: <dataset id>, config, split, field} (Bethune et al. 2025: ~1% pretraining data kept forgetting "
+        "down); null: off", default=None)
+    interpolate: list[float] = _help(
+        "weight interpolation after training, no retraining (WiSE-FT): evaluate theta_base + alpha x "
+        "(theta - theta_base) for full fine-tuning, the adapter scaled by alpha for lora/qlora, at each alpha "
+        "listed (points `<arm>_alpha=0.5` of the report; 1 is the arm, 0 its starting point)",
+        default_factory=list)
 
     def __post_init__(self):
+        for a in self.interpolate:
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
+                raise HarnessError(f"mitigation.interpolate: each alpha in [0, 1], got {a!r}")
+        if len(set(self.interpolate)) != len(self.interpolate):
+            raise HarnessError(f"mitigation.interpolate: listed twice in {self.interpolate}")
         if not isinstance(self.freeze_layers, int) or self.freeze_layers < 0:
             raise HarnessError(f"mitigation.freeze_layers: must be an integer >= 0, got {self.freeze_layers!r}")
         if self.l2_to_base < 0:

@@ -340,6 +340,14 @@ def check_method_settings(methods: set[str], path: str, *, lora: dict, quant: di
         if isinstance(layers, int) and mitigation.freeze_layers >= layers:
             raise HarnessError(f"{where}mitigation.freeze_layers: {mitigation.freeze_layers} would freeze every one of "
                                f"the model's {layers} decoder layers; at most {layers - 1}")
+    adapters = methods & {"lora", "qlora"}
+    if mitigation is not None and mitigation.interpolate and adapters:
+        # Scaling B scales a plain LoRA update; DoRA's normalised update and fully trained copies of
+        # modules (modules_to_save) are not linear in it, so "alpha x the adapter" would be something else.
+        for key in ("use_dora", "modules_to_save"):
+            if lora.get(key):
+                raise HarnessError(f"{where}mitigation.interpolate: scales the adapter's update, which lora.{key} "
+                                   f"makes non-linear; interpolate without {key} or leave interpolate empty")
     if methods & {"lora", "qlora"}:
         from peft import LoraConfig
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import baselines, drift, evalplan, evaluate, models, parallel, provenance, report, resources, train
+from harness import (baselines, drift, evalplan, evaluate, models, parallel, points, provenance, replay, report,
+                     resources, train)
 from harness.config import METHODS, PROJECT_ROOT, HarnessError, TaskConfig, load_task, to_dict
 from harness.data import mirror_dir
 from harness.io import environment, read_json, remove_partial, stop_point, write_json, write_samples
@@ -97,6 +98,10 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise HarnessError(f"--methods: listed twice in {','.join(names)}")
+    for arm in arms:  # a point's name must not be taken by an arm (its records would overwrite the arm's)
+        for pt in points.of(arm.name, arm.method, arm_tasks[arm.name]):
+            if pt.name in names:
+                raise HarnessError(f"arm name {pt.name!r}: taken by a point of arm {arm.name} ({pt.kind} {pt.value:g})")
     profile_name = spec.profile or ("full" if models.device_kind() == "cuda" else "quick")
     if profile_name not in task.profiles:
         raise HarnessError(f"--profile {profile_name}: not defined under profiles: of task {task.name}")
@@ -114,9 +119,10 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
         probe.unlink()
     except OSError as e:
         raise HarnessError(f"results directory {run_dir}: not writable ({e.strerror})") from None
-    for arm_task in {_hash(to_dict(t.train)): t for t in arm_tasks.values()}.values():
+    rows = {}
+    for key, arm_task in {_hash(to_dict(t.train)): t for t in arm_tasks.values()}.items():
         if spec.only is None:  # a parallel job's parent checked it
-            _check_training_data(arm_task, mirror)
+            rows[key] = _check_training_data(arm_task, mirror)
     # Suites merged, groups expanded, every counted metric and benchmark dataset checked (harness/evalplan.py).
     plan_ = evalplan.build(task, list(spec.suites) or task.suites, mirror=mirror)
     suite = plan_.suite
@@ -124,6 +130,13 @@ def plan(spec: CompareSpec, arms: list[Arm]) -> dict:
     if mirror is not None:  # every benchmark's data must be in the mirror too (suite leaves: checked in evalplan)
         for name in ppl + kl_tasks:
             evaluate.task_config(name, mirror=mirror)
+    evaluated = [*plan_.leaves, *ppl, *kl_tasks, task.train.format_task]
+    for arm_task in {_hash(to_dict(t.mitigation.replay)): t for t in arm_tasks.values() if t.mitigation.replay}.values():
+        if spec.only is None:  # replay data that is evaluated too would be learned, then scored
+            n_rows = rows[_hash(to_dict(arm_task.train))]
+            n_domain = min(n_rows, task.profiles[profile_name].train_examples or n_rows)
+            replay.check(arm_task.mitigation.replay, [t for t in evaluated if not evaluate.is_answer(t)], mirror=mirror,
+                         n_domain=n_domain)
     return {"task": task, "arm_tasks": arm_tasks, "suite": suite, "evalplan": plan_, "profile_name": profile_name,
             "profile": task.profiles[profile_name],
             "mirror": mirror, "run_id": run_id, "run_dir": run_dir,
@@ -141,9 +154,10 @@ def _resumable(spec: CompareSpec, p: dict) -> dict:
                   "suites": list(spec.suites)}
 
 
-def _check_training_data(task: TaskConfig, mirror) -> None:
+def _check_training_data(task: TaskConfig, mirror) -> int:
     """Read the training split and format every row now, so a missing field, an empty split or a
-    label outside the choices stops the run before any weight loads, naming the dataset."""
+    label outside the choices stops the run before any weight loads, naming the dataset; returns
+    its row count (after the format task's process_docs)."""
     from harness.data import load_split
 
     ds = load_split(task.train.dataset, task.train.config, task.train.split, mirror=mirror)
@@ -168,6 +182,7 @@ def _check_training_data(task: TaskConfig, mirror) -> None:
         except Exception as e:
             raise HarnessError(f"{where} row {i}: cannot be formatted by task {task.train.format_task} "
                                f"({type(e).__name__}: {e}); columns are {', '.join(ds.column_names)}") from None
+    return len(ds)
 
 
 # Bytes on disk per parameter, per arm: full fine-tuning saves an fp32 model (4) and keeps one Trainer
@@ -176,10 +191,13 @@ def _check_training_data(task: TaskConfig, mirror) -> None:
 DISK_PER_PARAM = {"full": 4 + 2 * 12, "lora": 1, "qlora": 1}
 
 
-def _check_disk(n_params: int, arms: list[Arm], work_dir: Path) -> None:
-    """Fail before training when the work dir's disk cannot hold the checkpoints (from the model's size)."""
+def _check_disk(n_params: int, arms: list[Arm], work_dir: Path, snapshots: dict[str, int] | None = None) -> None:
+    """Fail before training when the work dir's disk cannot hold the checkpoints (from the model's size)
+    and the snapshots of training.eval_at (a saved model or adapter each)."""
     todo = [a for a in arms if not (work_dir / a.name / "train.json").exists()]
-    needed = sum(DISK_PER_PARAM[a.method] * n_params for a in todo)
+    saved = {"full": 4, "lora": 1, "qlora": 1}
+    needed = sum((DISK_PER_PARAM[a.method] + (snapshots or {}).get(a.name, 0) * saved[a.method]) * n_params
+                 for a in todo)
     if not needed:
         return
     probe = work_dir
@@ -229,7 +247,8 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         models.check_method_settings({arm.method}, resolved.path, lora=t.lora, quant=t.quant,
                                      lr_scheduler=t.training.lr_scheduler, mitigation=t.mitigation,
                                      where="" if arm.name == arm.method else f"arm {arm.name}: ")
-    _check_disk(n_params, mine, p["work_dir"])
+    _check_disk(n_params, mine, p["work_dir"], snapshots={
+        a.name: len(points.snapshot_steps(p["arm_tasks"][a.name].training.eval_at, 1 << 30)) for a in mine})
     _check_saved(mine, p["work_dir"])
     if not child:
         log(f"model {resolved.name}: {resolved.detail}")
@@ -239,11 +258,14 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     has_chat = models.load_tokenizer(resolved.path).chat_template is not None
     runs = eplan.runs(profile, has_chat_template=has_chat)
     kl_domain = task.kl.domain_task or task.train.format_task
+    point_list = {a.name: points.of(a.name, a.method, p["arm_tasks"][a.name]) for a in arms}
     config = None if child else {  # a parallel job's parent records the run (hashing its data once)
         "run_id": p["run_id"], "task": to_dict(task), "suite": to_dict(suite), "methods": [a.name for a in arms],
         "evaluation": {**eplan.record(), "runs": [to_dict(r) for r in runs], "tokenizer_chat_template": has_chat,
                        "training_chat_template": False},
         "arms": {a.name: {"method": a.method, "overrides": list(a.overrides)} for a in arms},
+        **({"points": {pt.name: pt.record() for pts in point_list.values() for pt in pts}}
+           if any(point_list.values()) else {}),
         "profile": {"name": p["profile_name"], **to_dict(profile)},
         "model": {**resolved.to_dict(), "content_sha256": baselines.model_sha256(resolved.path)},
         "datasets": provenance.datasets(to_dict(task.train), eval_tasks + ([suite.perplexity.task] if suite.perplexity else []),
@@ -313,10 +335,11 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         log(f"{name}: KL(base || {name}) per token: {summary} ({time.perf_counter() - start:.0f}s)")
         return {**out, "seconds": time.perf_counter() - start}
 
-    def evaluate_arm(name: str, model, inputs: str, train_stats: dict | None) -> None:
+    def evaluate_arm(name: str, model, inputs: str, train_stats: dict | None, point: dict | None = None) -> None:
         ev, ppl, used = run_eval(name, model, eval_tasks, ppl_kw is not None)
         kl = kl_of(name, model)
-        _record(run_dir, name, inputs, ev, train_stats=train_stats, perplexity=ppl, eval_resources=used, kl=kl)
+        _record(run_dir, name, inputs, ev, train_stats=train_stats, perplexity=ppl, eval_resources=used, kl=kl,
+                point=point)
 
     def evaluate_reference(name: str, inputs: str, quant: dict | None) -> None:
         """An untrained reference model (the base, the 4-bit base): evaluated once per inputs, and
@@ -400,11 +423,12 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
         return _hash({**common, "method": arm.method, "task": _arm_settings(arm, p["arm_tasks"][arm.name]),
                       "profile": _profile_key(profile)})
 
-    def record_train_data(arm: Arm) -> tuple[list, dict]:
+    def record_train_data(arm: Arm, mix: bool = True) -> tuple[list, dict]:
         """The arm's tokenized training examples (once per distinct data setting) and their record in config.json."""
         arm_task = p["arm_tasks"][arm.name]
         data_key = _hash([to_dict(arm_task.train), arm_task.training.seed, arm_task.training.max_length,
                           profile.train_examples])
+        rep = arm_task.mitigation.replay
         if data_key not in examples_cache:
             tokenizer = models.load_tokenizer(resolved.path)
             examples_cache[data_key] = train.training_examples(arm_task, profile, tokenizer, mirror=mirror)
@@ -413,7 +437,71 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
                 config["train_data"] = record
                 write_json(run_dir / "config.json", config)
             log(f"training data: {record['examples']} examples, {record['tokens']} tokens")
-        return examples_cache[data_key]
+        if rep is None or not mix:
+            return examples_cache[data_key]
+        mixed_key = _hash([data_key, to_dict(rep)])  # the domain examples plus replay (harness/replay.py)
+        if mixed_key not in examples_cache:
+            domain, record = examples_cache[data_key]
+            extra, rec = replay.examples(rep, len(domain), models.load_tokenizer(resolved.path),
+                                         seed=arm_task.training.seed, max_length=arm_task.training.max_length,
+                                         mirror=mirror, model_path=resolved.path)
+            log(f"replay ({rep.source}): {rec['examples']} examples, {rec['tokens']} tokens mixed into "
+                f"{len(domain)} domain examples")
+            examples_cache[mixed_key] = (domain + extra, {**record, "replay": rec})
+        return examples_cache[mixed_key]
+
+    def point_inputs(pt: points.Point, arm: Arm) -> str:
+        return _hash({"arm": arm_inputs(arm), "point": pt.kind, "value": pt.value})
+
+    def pending_points(arm: Arm) -> list[points.Point]:
+        return [pt for pt in point_list[arm.name] if not _done(run_dir, pt.name, point_inputs(pt, arm))]
+
+    def run_arm(arm: Arm) -> None:
+        """Train (or reuse) one arm, evaluate it, then each of its points not yet recorded."""
+        arm_task = p["arm_tasks"][arm.name]
+        inputs = arm_inputs(arm)
+        todo_points = pending_points(arm)
+        arm_done = _done(run_dir, arm.name, inputs)
+        if arm_done and not todo_points:
+            log(f"{arm.name}: training and evaluation recorded for these inputs, reused")
+            return
+        arm_dir = p["work_dir"] / arm.name
+        stage, name = "training", arm.name
+        try:
+            trained = _trained(arm_dir, inputs)
+            if trained is not None:
+                log(f"{arm.name}: training recorded for these inputs, evaluating the saved {trained['saved']['path']}")
+                model = models.load_arm(arm.method, resolved.path, Path(trained["saved"]["path"]), quant=task.quant)
+            else:
+                examples, data = record_train_data(arm)
+                model, trained = _train_arm(arm, arm_task, profile, resolved.path, examples, arm_dir, inputs,
+                                            replayed=data.get("replay"))
+            stage = "evaluating"
+            if not arm_done:
+                evaluate_arm(arm.name, model, inputs, trained)
+            interpolation = None
+            for pt in todo_points:
+                name = pt.name
+                if pt.kind == "at":
+                    point_model = points.load_snapshot(pt, arm_dir, resolved.path, quant=task.quant)
+                else:
+                    interpolation = interpolation or points.Interpolation(model, arm.method, resolved.path)
+                    interpolation.set(pt.value)
+                    point_model = model
+                log(f"{pt.name}: {'weights at ' + format(pt.value, 'g') + ' of the steps' if pt.kind == 'at' else 'interpolated, alpha ' + format(pt.value, 'g')}")
+                evaluate_arm(pt.name, point_model, point_inputs(pt, arm), None, point=pt.record())
+                point_model = None
+                gc.collect()
+        except MEMORY_ERRORS as e:
+            if not resources.is_out_of_memory(e):
+                raise
+            _record_failure(run_dir, name, inputs if name == arm.name else point_inputs(
+                next(pt for pt in todo_points if pt.name == name), arm), stage, e)
+            log(f"{name}: FAILED, out of memory while {stage} "
+                f"({str(e).splitlines()[0][:200]}); continuing with the other arms")
+        model = point_model = interpolation = None
+        gc.collect()
+        _free_gpu()
 
     # References: the untouched base; and the 4-bit base without adapter, QLoRA's own starting point,
     # to separate quantization from training.
@@ -425,7 +513,7 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
 
     if not child:  # jobs at once (harness/parallel.py): what is left to compute, longest first
         pending = [a for a in sorted(arms, key=lambda a: ("qlora", "lora", "full").index(a.method))
-                   if not _done(run_dir, a.name, arm_inputs(a))]
+                   if not _done(run_dir, a.name, arm_inputs(a)) or pending_points(a)]
         pending_refs = [(name, quant) for name, inputs, quant in references
                         if not _done(run_dir, name, inputs) and not reference_cached(quant)]
         needs = ([parallel.job_memory(a.method, n_params) for a in pending]
@@ -442,7 +530,7 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
             placer = parallel.Placer(gpus if auto else None, limit=n, devices=len(gpus or [0]))
             jobs = parallel.Jobs(spec, arms, names, n, p["work_dir"] / "jobs", log, needs=need, placer=placer).start()
             if pending and _trained(p["work_dir"] / pending[0].name, arm_inputs(pending[0])) is None:
-                record_train_data(pending[0])  # for config.json, while the jobs run
+                record_train_data(pending[0], mix=False)  # for config.json, while the jobs run
             jobs.wait()
             todo -= set(names)
 
@@ -451,36 +539,10 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
             evaluate_reference(name, inputs, quant)
 
     # Arms: same examples for all (unless an arm's overrides change the data); each trained, saved to
-    # the work dir, then evaluated.
+    # the work dir, then evaluated; then its points (snapshots, interpolations: harness/points.py).
     for arm in arms:
-        if arm.name not in todo:
-            continue
-        arm_task = p["arm_tasks"][arm.name]
-        inputs = arm_inputs(arm)
-        if _done(run_dir, arm.name, inputs):
-            log(f"{arm.name}: training and evaluation recorded for these inputs, reused")
-            continue
-        arm_dir = p["work_dir"] / arm.name
-        stage = "training"
-        try:
-            trained = _trained(arm_dir, inputs)
-            if trained is not None:
-                log(f"{arm.name}: training recorded for these inputs, evaluating the saved {trained['saved']['path']}")
-                model = models.load_arm(arm.method, resolved.path, Path(trained["saved"]["path"]), quant=task.quant)
-            else:
-                examples, _ = record_train_data(arm)
-                model, trained = _train_arm(arm, arm_task, profile, resolved.path, examples, arm_dir, inputs)
-            stage = "evaluating"
-            evaluate_arm(arm.name, model, inputs, trained)
-        except MEMORY_ERRORS as e:
-            if not resources.is_out_of_memory(e):
-                raise
-            _record_failure(run_dir, arm.name, inputs, stage, e)
-            log(f"{arm.name}: FAILED, out of memory while {stage} "
-                f"({str(e).splitlines()[0][:200]}); continuing with the other arms")
-        model = None
-        gc.collect()
-        _free_gpu()
+        if arm.name in todo:
+            run_arm(arm)
 
     if child:
         return run_dir
@@ -518,7 +580,9 @@ def _keep_train_data(path: Path, config: dict) -> None:
         previous = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return
-    same = all(previous.get(k) == config[k] for k in ("task", "profile", "model"))
+    # The examples depend on the training data and settings, the profile and the model (not on, say, points).
+    same = (all(previous.get(k) == config[k] for k in ("profile", "model"))
+            and all((previous.get("task") or {}).get(k) == config["task"][k] for k in ("train", "training")))
     if same and previous.get("train_data"):
         config["train_data"] = previous["train_data"]
 
@@ -528,6 +592,13 @@ def _arm_settings(arm: Arm, arm_task: TaskConfig) -> dict:
     full fine-tuning, do not change it (so changing them redoes only the arms they concern)."""
     d = to_dict(arm_task)
     d["methods"] = {arm.method: d["methods"][arm.method]}
+    # Interpolation is applied after training (its points have their own inputs); eval_at's snapshots are
+    # saved while training, so it stays in; both left out when unset, keeping earlier runs' inputs.
+    d["mitigation"].pop("interpolate")
+    if d["mitigation"]["replay"] is None:
+        d["mitigation"].pop("replay")
+    if not d["training"]["eval_at"]:
+        d["training"].pop("eval_at")
     if arm.method == "full":
         d.pop("lora")
     if arm.method != "qlora":
@@ -536,13 +607,14 @@ def _arm_settings(arm: Arm, arm_task: TaskConfig) -> dict:
 
 
 def _train_arm(arm: Arm, arm_task: TaskConfig, profile, model_path: str, examples: list, arm_dir: Path,
-               inputs: str):
+               inputs: str, replayed: dict | None = None):
     """Train one arm (resuming its Trainer checkpoint when one was made for these inputs); on running
     out of memory, retry once with half the micro-batch and twice the accumulation (same effective batch)."""
     stamp = arm_dir / "inputs.json"
     if (arm_dir / "trainer").exists() and (not stamp.exists() or _read_record(stamp).get("inputs") != inputs):
         log(f"{arm.name}: its checkpoint was made for other inputs; training from scratch")
         shutil.rmtree(arm_dir / "trainer")
+        shutil.rmtree(arm_dir / points.SNAPSHOTS, ignore_errors=True)
     write_json(stamp, {"inputs": inputs})
     log(f"{arm.name}: training ({arm.method}{', ' + ' '.join(arm.overrides) if arm.overrides else ''})")
     retry = None
@@ -563,7 +635,7 @@ def _train_arm(arm: Arm, arm_task: TaskConfig, profile, model_path: str, example
         shutil.rmtree(arm_dir / "trainer", ignore_errors=True)  # its checkpoints belong to the other micro-batch
         result = train.run(arm.method, task=arm_task, profile=profile, model_path=model_path, examples=examples,
                            out_dir=arm_dir)
-    s = {**result.stats, "oom_retry": retry}
+    s = {**result.stats, "oom_retry": retry, **({"replay": replayed} if replayed else {})}
     write_json(arm_dir / "train.json", {"inputs": inputs, "stats": s})
     stop_point(f"trained:{arm.name}")
     log(f"{arm.name}: {s['steps']} steps in {s['seconds']:.0f}s, loss {s['train_loss']:.4f}, "
@@ -628,7 +700,7 @@ def _drop_samples(ppl: dict | None) -> dict | None:
 
 def _record(run_dir: Path, arm: str, inputs: str, ev: dict, *, train_stats: dict | None,
             perplexity: dict | None = None, baseline: dict | None = None, eval_resources: dict | None = None,
-            kl: dict | None = None) -> None:
+            kl: dict | None = None, point: dict | None = None) -> None:
     """Per-document records first, the arm's JSON last: the JSON's presence means the arm is done."""
     samples = dict(ev["samples"])
     if perplexity is not None and perplexity.get("samples"):  # per-document bits per byte: paired drift
@@ -642,6 +714,8 @@ def _record(run_dir: Path, arm: str, inputs: str, ev: dict, *, train_stats: dict
         record["kl"] = kl
     if baseline is not None:
         record["baseline"] = baseline
+    if point is not None:
+        record["point"] = point
     write_json(run_dir / "arms" / f"{arm}.json", record)
     stop_point(f"recorded:{arm}")
 

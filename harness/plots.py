@@ -56,24 +56,45 @@ def scores(metrics: dict, tasks: list[str], run_dir: Path) -> None:
     _save(plt, fig, run_dir / "scores")
 
 
-def tradeoff(metrics: dict, run_dir: Path) -> None:
-    """The learning-forgetting plane of Biderman et al. (2024), one point per arm."""
+def tradeoff(metrics: dict, run_dir: Path, labels: dict[str, str] | None = None) -> None:
+    """The learning-forgetting plane of Biderman et al. (2024), one point per arm; an arm's points
+    (snapshots, interpolations) are small markers joined to it by a line (its path from the start)."""
     plt = _pyplot()
 
-    pts, colors = [], {}
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    labels = labels or {}
+    pts, colors, xy = [], {}, {}
+    fig, ax = plt.subplots(figsize=(6, 4.5) if len(metrics["comparisons"]) <= 8 else (8, 6))
     for arm, c in metrics["comparisons"].items():
         f, l = c["forgetting"], c["learning"]
         if not (f and l):
             continue
-        method = (metrics["arms"][arm]["train"] or {}).get("method", arm)
+        a = metrics["arms"][arm]
+        point = a.get("point")
+        method = (a["train"] or {}).get("method") or (point or {}).get("method") or arm
         color = colors.setdefault(method, f"C{len(colors)}")
         x, y = 100 * l["delta"], 100 * f["delta"]
+        xy[arm] = (x, y)
+        if point:
+            ax.plot(x, y, "s" if point["kind"] == "alpha" else "^", color=color, ms=4, alpha=0.8)
+            continue
         ax.errorbar(x, y, xerr=[[x - 100 * l["ci_low"]], [100 * l["ci_high"] - x]],
                     yerr=[[y - 100 * f["ci_low"]], [100 * f["ci_high"] - y]], fmt="o", color=color, capsize=3,
                     label=method if method not in [h.get_label() for h in ax.get_legend_handles_labels()[0]] else None)
-        ax.annotate(arm, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.annotate(labels.get(arm, arm), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         pts.append((arm, x, y))
+    for arm, (x, y) in list(xy.items()):  # each arm's paths: snapshots from the base, interpolations from its start
+        for kind, style in (("at", "-"), ("alpha", ":")):
+            path = sorted((metrics["arms"][n]["point"]["value"], xy[n]) for n in xy
+                          if (metrics["arms"][n].get("point") or {}).get("of") == arm
+                          and metrics["arms"][n]["point"]["kind"] == kind)
+            if not path:
+                continue
+            line = ([(0.0, 0.0)] if kind == "at" else []) + [p for _, p in path] + [(x, y)]
+            method = (metrics["arms"][arm]["train"] or {}).get("method", arm)
+            ax.plot([p[0] for p in line], [p[1] for p in line], style, color=colors.get(method, "grey"), lw=1,
+                    label=("training path (eval_at)" if kind == "at" else "interpolation (α)")
+                    if ("training path (eval_at)" if kind == "at" else "interpolation (α)")
+                    not in [h.get_label() for h in ax.get_legend_handles_labels()[0]] else None)
     front = sorted((p for p in pts if p[0] in pareto_front(pts)), key=lambda p: p[1])
     if len(front) > 1:
         ax.plot([p[1] for p in front], [p[2] for p in front], "--", color="grey", lw=1, label="Pareto frontier")
@@ -84,7 +105,40 @@ def tradeoff(metrics: dict, run_dir: Path) -> None:
     _save(plt, fig, run_dir / "tradeoff")
 
 
-def heatmap(metrics: dict, tasks: list[str], arms: list[str], run_dir: Path) -> None:
+def curves(metrics: dict, run_dir: Path, labels: dict[str, str] | None = None) -> bool:
+    """Forgetting curves: learning and the forgetting score against the fraction of training steps, one
+    line per arm with snapshots (training.eval_at), from the base at 0 to the arm at 1. False: none."""
+    labels = labels or {}
+    series = {}
+    for arm, a in metrics["arms"].items():
+        c = metrics["comparisons"].get(arm) or {}
+        pt = a.get("point")
+        if pt and pt["kind"] == "at" and c.get("forgetting") and c.get("learning"):
+            series.setdefault(pt["of"], []).append((pt["value"], c))
+    series = {arm: v for arm, v in series.items() if (metrics["comparisons"].get(arm) or {}).get("forgetting")}
+    if not series:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (arm, pts) in enumerate(series.items()):
+        pts = sorted(pts, key=lambda p: p[0]) + [(1.0, metrics["comparisons"][arm])]
+        for ax, key in zip(axes, ("learning", "forgetting")):
+            xs = [0.0] + [p[0] for p in pts]
+            ys = [0.0] + [100 * p[1][key]["delta"] for p in pts]
+            lo = [0.0] + [100 * p[1][key]["ci_low"] for p in pts]
+            hi = [0.0] + [100 * p[1][key]["ci_high"] for p in pts]
+            ax.plot(xs, ys, "o-", color=f"C{i}", ms=3, label=labels.get(arm, arm))
+            ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15)
+    for ax, title in zip(axes, ("learning: mean in-domain Δ (points)", "forgetting score: mean general Δ (points)")):
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xlabel("fraction of the arm's training steps")
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"{metrics['task']}: learning and forgetting during training (95% CI bands)", fontsize=11)
+    _save(plt, fig, run_dir / "curves")
+    return True
+
+
+def heatmap(metrics: dict, tasks: list[str], arms: list[str], run_dir: Path, labels: dict[str, str] | None = None) -> None:
     """Task × arm Δ (counted metric, points); * marks a 95% CI that excludes 0. For sweeps."""
     plt = _pyplot()
     import numpy as np
@@ -104,7 +158,7 @@ def heatmap(metrics: dict, tasks: list[str], arms: list[str], run_dir: Path) -> 
     for i in range(len(tasks)):
         for j in range(len(arms)):
             ax.text(j, i, marks[i][j], ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
+    ax.set_xticks(range(len(arms)), [(labels or {}).get(a, a) for a in arms], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
     fig.colorbar(im, ax=ax, label="Δ vs base (points)")
     ax.set_title(f"{metrics['task']}: Δ per task and arm (* = 95% CI excludes 0)", fontsize=10)

@@ -45,7 +45,8 @@ def run(run_dir: Path) -> Path:
     suite_tasks = [e["task"] for e in entries if e["role"] == "suite"]
     domain_tasks = [e["task"] for e in entries if e["role"] == "in_domain"]
     metric_of = {leaf: e["metric"] for e in entries for leaf in e["leaves"]} | {e["task"]: e["metric"] for e in entries}
-    arms, failed = _load_arms(run_dir, ["base", NF4_REFERENCE, *config["methods"]])
+    point_of = config.get("points") or {}  # snapshots and interpolations of an arm (harness/points.py)
+    arms, failed = _load_arms(run_dir, ["base", NF4_REFERENCE, *config["methods"], *point_of])
     if "base" not in arms:
         raise FileNotFoundError(f"{run_dir}/arms/base.json: the base evaluation is missing")
     seed = config["task"]["training"]["seed"]
@@ -65,6 +66,7 @@ def run(run_dir: Path) -> Path:
             "eval_resources": arm.get("eval_resources"), "baseline": arm.get("baseline"),
             "kl": _kl_summary(arm.get("kl"), seed),
             "lm_eval": _lm_eval_results(arm),
+            **({"point": arm["point"]} if arm.get("point") else {}),
         }
     measurable = _measurability(arms, entries)
     metrics["measurability"] = measurable
@@ -74,11 +76,11 @@ def run(run_dir: Path) -> Path:
         comp = _compare(arms["base"], arm, entries, measurable, seed)
         # QLoRA's Δ against the 16-bit base mixes two effects: quantizing the base, and training.
         # Against the 4-bit base (no adapter) it isolates what training did.
-        if (arm["train"] or {}).get("method") == "qlora" and NF4_REFERENCE in arms:
+        if _method(arm) == "qlora" and NF4_REFERENCE in arms:
             comp["vs_nf4_base"] = _compare(arms[NF4_REFERENCE], arm, entries, measurable, seed)
         metrics["comparisons"][name] = comp
     metrics["failed_arms"] = failed
-    metrics["missing_arms"] = [m for m in config["methods"] if m not in arms and m not in failed]
+    metrics["missing_arms"] = [m for m in [*config["methods"], *point_of] if m not in arms and m not in failed]
     metrics["provenance"] = _provenance(config)
     metrics["summary"] = summary(metrics, suite_tasks, domain_tasks)
 
@@ -89,6 +91,11 @@ def run(run_dir: Path) -> Path:
     write_text(run_dir / "report.md", to_markdown(blocks))
     write_text(run_dir / "report.html", to_html(blocks, run_dir, title=_title(config)))
     return run_dir / "report.md"
+
+
+def _method(arm: dict) -> str | None:
+    """The method an arm record was trained with; a point's, that of the arm it comes from."""
+    return (arm.get("train") or {}).get("method") or (arm.get("point") or {}).get("method")
 
 
 def _stderr_key(metric: str | None) -> str:
@@ -360,9 +367,12 @@ def _ci(c: dict | None, scale: float = 100.0, digits: int = 1, *, detectable: bo
 def summary(metrics: dict, suite_tasks: list[str], domain_tasks: list[str]) -> str:
     """One paragraph, every claim read off the statistics (CI spanning 0 is 'not significant')."""
     parts = []
+    trained = [a for a in metrics["comparisons"] if a != NF4_REFERENCE and not metrics["arms"][a].get("point")]
+    if len(trained) > WIDE_MAX:
+        return _digest(metrics, trained)
     for arm, comp in metrics["comparisons"].items():
         f, l = comp["forgetting"], comp["learning"]
-        if f is None:
+        if f is None or metrics["arms"][arm].get("point"):
             continue
         if arm == NF4_REFERENCE:  # a reference, not a fine-tuned arm
             word = "changed" if f["significant"] else "did not significantly change"
@@ -388,11 +398,43 @@ def summary(metrics: dict, suite_tasks: list[str], domain_tasks: list[str]) -> s
             parts.append(f"Against the 4-bit base it was trained on, {arm}'s general change is "
                          f"{100 * q['forgetting']['delta']:+.1f} ({_interval(q['forgetting'])}{sig}).")
     ranked = [(a, c["forgetting"]["delta"]) for a, c in metrics["comparisons"].items()
-              if c["forgetting"] and a != NF4_REFERENCE]
+              if c["forgetting"] and a in trained]
     if len(ranked) > 1:
         worst = min(ranked, key=lambda x: x[1])
         parts.append(f"Most negative mean general change: {worst[0]} ({100 * worst[1]:+.1f} points); "
                      "compare CIs before calling one arm more forgetful than another.")
+    for arm, error in metrics.get("failed_arms", {}).items():
+        parts.append(f"**{arm}** failed and has no scores ({_first_line(error)}).")
+    return " ".join(parts)
+
+
+def _digest(metrics: dict, trained: list[str]) -> str:
+    """The summary of a many-arm run (a sweep): counts and extremes, each with its CI; per-arm detail is
+    in the tables."""
+    comps = metrics["comparisons"]
+    scored = [a for a in trained if comps[a]["forgetting"]]
+    lost = [a for a in scored if comps[a]["forgetting"]["significant"] and comps[a]["forgetting"]["delta"] < 0]
+    parts = [f"{len(trained)} fine-tuned arms; {len(lost)} of {len(scored)} lost general ability significantly "
+             "(forgetting score's 95% CI below 0)."]
+    if scored:
+        worst = min(scored, key=lambda a: comps[a]["forgetting"]["delta"])
+        parts.append(f"Most forgetful: **{worst}** ({_ci(comps[worst]['forgetting'])}, learning "
+                     f"{_ci(comps[worst]['learning'])}).")
+    learned = [a for a in scored if comps[a]["learning"]]
+    if learned:
+        best = max(learned, key=lambda a: comps[a]["learning"]["delta"])
+        parts.append(f"Most learning: **{best}** ({_ci(comps[best]['learning'])}, forgetting "
+                     f"{_ci(comps[best]['forgetting'])}).")
+    m = _matched_learning(metrics)
+    if m and len(m["methods"]) >= 2:
+        order = sorted(m["methods"].items(), key=lambda kv: kv[1]["forgetting"])
+        parts.append(f"At matched learning ({m['learning']:+.1f} points in-domain), the forgetting score is "
+                     + ", ".join(f"{k} {v['forgetting']:+.1f}" for k, v in order)
+                     + " (read off each method's frontier; see the table for the arms and CIs it comes from).")
+    q = comps.get(NF4_REFERENCE, {}).get("forgetting")
+    if q:
+        word = "changed" if q["significant"] else "did not significantly change"
+        parts.append(f"Quantizing the base to 4-bit alone {word} general ability ({_ci(q)}).")
     for arm, error in metrics.get("failed_arms", {}).items():
         parts.append(f"**{arm}** failed and has no scores ({_first_line(error)}).")
     return " ".join(parts)
@@ -472,9 +514,19 @@ def _dtype(saved: dict) -> str:
     return f" ({saved['dtype']})" if saved.get("dtype") else ""  # runs before 2026-11-28 did not record it
 
 
+WIDE_MAX = 4  # arms (besides the base) shown as table columns; with more, arms are rows
+
+
+def _others(metrics: dict) -> list[str]:
+    return [a for a in metrics["arms"] if a != "base"]
+
+
 def _score_table(metrics: dict, tasks: list[str]) -> tuple:
-    """Arms as columns for a few arms; each score in percent where the metric is a proportion, else as is."""
-    arms = [a for a in metrics["arms"] if a != "base"]
+    """Arms as columns for a few arms (arms as rows for many); each score in percent where the metric
+    is a proportion, else as is."""
+    arms = _others(metrics)
+    if len(arms) > WIDE_MAX:
+        return _score_rows(metrics, tasks, arms)
     header = ["task", "metric", "n", "base"] + [c for a in arms for c in (a, f"Δ {a} [95% CI]")]
     rows = []
     for task in tasks:
@@ -494,6 +546,81 @@ def _score_table(metrics: dict, tasks: list[str]) -> tuple:
                     _ci(c, scale=100.0 if pct else 1.0, digits=1 if pct else 4, detectable=True)]
         rows.append(row)
     return ("table", header, rows)
+
+
+def _score_rows(metrics: dict, tasks: list[str], arms: list[str]) -> tuple:
+    """Arms as rows, tasks as columns: the Δ [95% CI] per cell, in bold where the CI excludes 0; the
+    base's score in the column header. Stays readable at 10-30 arms."""
+    base = metrics["arms"]["base"]["tasks"]
+    shown = [t for t in tasks if t in base]
+    label = labels(metrics)
+    header = ["arm"]
+    pct_of = {}
+    for t in shown:
+        comps = [metrics["comparisons"][a]["tasks"].get(t, {}).get(base[t]["metric"]) for a in arms]
+        pct_of[t] = next((c["proportion"] for c in comps if c and "proportion" in c), True)
+        m = metrics.get("measurability", {}).get(t)
+        chance = " (at chance)" if m is not None and not m["above_chance"] else ""
+        header.append(f"{t}{chance} {base[t]['metric']}, base "
+                      f"{_fmt(base[t]['score'], pct=pct_of[t], digits=1 if pct_of[t] else 4)}")
+    rows = []
+    for a in arms:
+        row = [label[a]]
+        for t in shown:
+            c = metrics["comparisons"][a]["tasks"].get(t, {}).get(base[t]["metric"])
+            pct = pct_of[t]
+            if not c:
+                row.append("n/a")
+                continue
+            cell = _ci(c, scale=100.0 if pct else 1.0, digits=1 if pct else 4).removesuffix(", not significant")
+            delta, _, rest = cell.partition(" ")
+            row.append(f"**{delta}** {rest}" if c["significant"] else cell)
+        rows.append(row)
+    return ("table", header, rows)
+
+
+def labels(metrics: dict) -> dict[str, str]:
+    """Short names for tables and plots: a name of up to 14 characters stays; a longer one becomes
+    <method>-<k> (k counts that method's arms in order); a point is its arm's label and where it sits:
+    `@25%` of the steps, `α0.5` of the way from the start."""
+    out, count = {}, {}
+    for name, a in metrics["arms"].items():
+        if a.get("point"):
+            continue
+        method = _method(a)
+        if len(name) <= 14 or method is None:
+            out[name] = name
+        else:
+            count[method] = count.get(method, 0) + 1
+            out[name] = f"{method}-{count[method]}"
+    for name, a in metrics["arms"].items():
+        pt = a.get("point")
+        if pt:
+            where = f"@{100 * pt['value']:g}%" if pt["kind"] == "at" else f"α{pt['value']:g}"
+            out[name] = f"{out.get(pt['of'], pt['of'])} {where}"
+    return out
+
+
+def _lab(metrics: dict, arm: str) -> str:
+    return labels(metrics).get(arm, arm)
+
+
+def _legend(metrics: dict, config: dict) -> list[tuple]:
+    """What each short label stands for: the arm's name, method and settings (its overrides)."""
+    label = labels(metrics)
+    if all(label[a] == a for a in label if not metrics["arms"][a].get("point")):
+        return []
+    rows = []
+    for name, a in metrics["arms"].items():
+        if name == "base" or a.get("point"):
+            continue
+        arm = (config.get("arms") or {}).get(name, {})
+        pts = [label[p] for p, b in metrics["arms"].items() if (b.get("point") or {}).get("of") == name]
+        rows.append([label[name], f"`{name}`", _method(a) or "reference",
+                     " ".join(f"`{o}`" for o in arm.get("overrides", [])) or "task file's settings",
+                     ", ".join(pts) or "–"])
+    return [("h", 2, "Arms"), ("p", "Short labels stand for these arms in the tables and plots below."),
+            ("table", ["label", "arm", "method", "settings", "points"], rows)]
 
 
 def _limits(prof: dict) -> str:
@@ -547,10 +674,13 @@ def _document(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
               if (config.get("jobs") or 1) > 1 else []),
         ]),
         ("p", "Scores in percent. Δ is arm − base on the same documents, with a 95% paired bootstrap CI; "
-              "where the CI spans 0 the change is *not significant*."),
+              "where the CI spans 0 the change is *not significant*"
+              + (" (with many arms, arms are rows and a significant Δ is in bold)." if len(_others(metrics)) > WIDE_MAX
+                 else ".")),
+        *_legend(metrics, config),
         ("h", 2, "General benchmarks (forgetting)"), _score_table(metrics, suite_tasks),
         ("h", 2, "In-domain (learning)"), _score_table(metrics, domain_tasks),
-        *_aggregates(metrics), *_drift(metrics), *_perplexity(metrics), *_flips(metrics, suite_tasks + domain_tasks),
+        *_aggregates(metrics), *_points(metrics), *_drift(metrics), *_perplexity(metrics), *_flips(metrics, suite_tasks + domain_tasks),
         *_training(metrics), *_resources(metrics),
         ("h", 2, "Plots"),
     ]
@@ -566,8 +696,11 @@ def _document(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
 
 def _aggregates(metrics: dict) -> list[tuple]:
     rows = []
+    short = labels(metrics)
     for arm, c in metrics["comparisons"].items():
-        for label, comp in ((arm, c), (f"{arm} vs {NF4_REFERENCE} (training alone)", c.get("vs_nf4_base"))):
+        if metrics["arms"][arm].get("point"):  # in their own section (_points)
+            continue
+        for label, comp in ((short[arm], c), (f"{short[arm]} vs {NF4_REFERENCE} (training alone)", c.get("vs_nf4_base"))):
             if comp is None:
                 continue
             bid = comp["biderman"]
@@ -578,16 +711,56 @@ def _aggregates(metrics: dict) -> list[tuple]:
     return [("h", 2, "Aggregates"), ("table", header, rows), *_matched(metrics)]
 
 
-def _matched(metrics: dict) -> list[tuple]:
-    """Forgetting at matched learning (stats.matched_learning), with the arms each figure comes from."""
-    points: dict[str, list] = {}
-    comps = metrics["comparisons"]
-    for arm, c in comps.items():
+def _points(metrics: dict) -> list[tuple]:
+    """Each arm's points beside the arm: its weights part-way through training (training.eval_at) and
+    interpolated toward its start (mitigation.interpolate), learning and forgetting with their CIs."""
+    short = labels(metrics)
+    rows = []
+    for arm, a in metrics["arms"].items():
+        pts = sorted(((n, b["point"]) for n, b in metrics["arms"].items() if (b.get("point") or {}).get("of") == arm),
+                     key=lambda x: (x[1]["kind"], x[1]["value"]))
+        if not pts:
+            continue
+        steps = (a.get("train") or {}).get("snapshots") or {}
+        total = (a.get("train") or {}).get("steps")
+        for name, pt in pts + [(arm, None)]:
+            c = metrics["comparisons"].get(name) or {}
+            if pt is None:
+                where = f"the arm: step {total}" if total else "the arm"
+            elif pt["kind"] == "at":
+                step = steps.get(format(pt["value"], "g"))
+                where = f"step {step} of {total} ({100 * pt['value']:g}%)" if step else f"{100 * pt['value']:g}% of steps"
+            else:
+                where = f"interpolated, α = {pt['value']:g}"
+            kl = ((metrics["arms"].get(name) or {}).get("kl") or {}).get("general")
+            rows.append([short.get(name, name), where, _ci(c.get("learning")), _ci(c.get("forgetting")),
+                         f"{kl['mean']:.4f}" if kl else "n/a"])
+    if not rows:
+        return []
+    return [("h", 2, "Forgetting curves and interpolation"),
+            ("p", "Points of each arm against the base, on the same documents: its weights part-way through training "
+                  "(`training.eval_at`) and its weights moved back toward where it started (`mitigation.interpolate`: "
+                  "θ₀ + α(θ − θ₀) for full fine-tuning, the adapter scaled by α for LoRA/QLoRA, so α = 0 is the base, "
+                  "or the 4-bit base for QLoRA). Each row is the arm's own evaluation; the last row of each arm is the "
+                  "trained arm itself."),
+            ("table", ["point", "where", "learning: mean in-domain Δ", "forgetting score", "KL general"], rows)]
+
+
+def _matched_learning(metrics: dict) -> dict | None:
+    """stats.matched_learning over the trained arms (points are not arms of a method: left out)."""
+    pts: dict[str, list] = {}
+    for arm, c in metrics["comparisons"].items():
         train = metrics["arms"].get(arm, {}).get("train")
         if not train or not (c.get("forgetting") and c.get("learning")):
             continue
-        points.setdefault(train["method"], []).append((arm, 100 * c["learning"]["delta"], 100 * c["forgetting"]["delta"]))
-    m = stats.matched_learning(points)
+        pts.setdefault(train["method"], []).append((arm, 100 * c["learning"]["delta"], 100 * c["forgetting"]["delta"]))
+    return stats.matched_learning(pts)
+
+
+def _matched(metrics: dict) -> list[tuple]:
+    """Forgetting at matched learning (stats.matched_learning), with the arms each figure comes from."""
+    comps = metrics["comparisons"]
+    m = _matched_learning(metrics)
     if not m or len(m["methods"]) < 2:
         return []
     def cell(a: str) -> str:
@@ -627,7 +800,7 @@ def _drift(metrics: dict) -> list[tuple]:
             continue
         kl = a.get("kl") or {}
         bpb = ((metrics["comparisons"].get(arm) or {}).get("perplexity") or {}).get("bits_per_byte_paired")
-        rows.append([arm, _kl_cell(kl.get("general")), _kl_cell(kl.get("domain")),
+        rows.append([_lab(metrics, arm), _kl_cell(kl.get("general")), _kl_cell(kl.get("domain")),
                      _ci(bpb, scale=1.0, digits=4) if bpb else "n/a"])
     if not any(r[1] != "n/a" or r[2] != "n/a" or r[3] != "n/a" for r in rows):
         return []
@@ -658,11 +831,11 @@ def _perplexity(metrics: dict) -> list[tuple]:
     rows = [["base", f"{base_ppl['word_perplexity']:.3f}", "", f"{base_ppl['bits_per_byte']:.4f}", ""]]
     for arm, d in ppl_rows:
         w, b = d["word_perplexity"], d["bits_per_byte"]
-        rows.append([arm, _ppl(w["arm"]), _rel(w), f"{b['arm']:.4f}", f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%)"])
+        rows.append([_lab(metrics, arm), _ppl(w["arm"]), _rel(w), f"{b['arm']:.4f}", f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%)"])
         q = (metrics["comparisons"][arm].get("vs_nf4_base") or {}).get("perplexity")
         if q:
             w, b = q["word_perplexity"], q["bits_per_byte"]
-            rows.append([f"{arm} vs {NF4_REFERENCE}", "", _rel(w), "",
+            rows.append([f"{_lab(metrics, arm)} vs {NF4_REFERENCE}", "", _rel(w), "",
                          f"{b['delta']:+.4f} ({b['rel_pct']:+.1f}%)"])
     return [("h", 2, f"Perplexity drift ({base_ppl['task']}, {base_ppl['n']} documents)"),
             ("p", "Lower is better; a rise means the arm models general text worse than the base."),
@@ -687,11 +860,13 @@ def _rel(d: dict) -> str:
 def _flips(metrics: dict, tasks: list[str]) -> list[tuple]:
     rows = []
     for arm, c in metrics["comparisons"].items():
+        if metrics["arms"][arm].get("point"):  # an arm's points: their Δs are in the tables above
+            continue
         for task in tasks:
             m = metrics["arms"]["base"]["tasks"].get(task, {}).get("metric")
             s = c["tasks"].get(task, {}).get(m)
             if s and s.get("forgotten") is not None:
-                rows.append([arm, task, f"{s['forgotten']} ({100 * s['forgotten_rate']:.1f}%)",
+                rows.append([_lab(metrics, arm), task, f"{s['forgotten']} ({100 * s['forgotten_rate']:.1f}%)",
                              f"{s['gained']} ({100 * s['gained_rate']:.1f}%)", f"{s['mcnemar_p']:.3g}"])
     header = ["arm", "task", "forgotten (base right, arm wrong)", "gained", "McNemar exact p"]
     return [("h", 2, "Flips (counted metric)"), ("table", header, rows)]
@@ -702,7 +877,7 @@ def _training(metrics: dict) -> list[tuple]:
     for arm, a in metrics["arms"].items():
         t = a["train"]
         if t:
-            rows.append([arm, t["method"], t["steps"], f"{t.get('epochs', 'n/a')}", t.get("batch_size", "n/a"),
+            rows.append([_lab(metrics, arm), t["method"], t["steps"], f"{t.get('epochs', 'n/a')}", t.get("batch_size", "n/a"),
                          f"{t['learning_rate']:g}", f"{t['train_loss']:.4f}", t.get("compute_dtype") or "n/a"])
     if not rows:
         return []
@@ -730,12 +905,12 @@ def _resources(metrics: dict) -> list[tuple]:
     for arm, a in metrics["arms"].items():
         t = a["train"]
         if t:
-            rows.append(_stage_row(arm, "train", t, f"{t['tokens_per_second']:,.0f} tokens/s, "
+            rows.append(_stage_row(_lab(metrics, arm), "train", t, f"{t['tokens_per_second']:,.0f} tokens/s, "
                                                     f"{t.get('examples_per_second', 0):,.2f} examples/s"))
         ev = dict(a.get("eval_resources") or {})
         ev.setdefault("seconds", a["eval_seconds"])
         ppl = a.get("perplexity") or {}
-        row = _stage_row(arm, "eval", ev, "")
+        row = _stage_row(_lab(metrics, arm), "eval", ev, "")
         if ppl.get("seconds"):
             row[2] += f" (+ {_s(ppl['seconds'])} perplexity)"
         reused = a.get("baseline") or {}
@@ -745,7 +920,7 @@ def _resources(metrics: dict) -> list[tuple]:
         if t:
             saved = t.get("saved") or {}
             what = "full checkpoint" if t["method"] == "full" else "adapter"
-            storage.append([arm, f"{t['trainable_params']:,}", f"{t['total_params']:,}", f"{t['trainable_pct']:.2f}%",
+            storage.append([_lab(metrics, arm), f"{t['trainable_params']:,}", f"{t['total_params']:,}", f"{t['trainable_pct']:.2f}%",
                             "4-bit NF4" if t.get("base_4bit") else "16/32-bit (unquantized)",
                             what, saved.get("dtype") or "not recorded", _b(saved.get("bytes"))])
     header = ["arm", "stage", "wall time", "peak GPU allocated (torch)", "peak GPU reserved (torch)",
@@ -803,15 +978,23 @@ def _plots(metrics: dict, suite_tasks: list[str], domain_tasks: list[str], run_d
     tasks = suite_tasks + [t for t in domain_tasks if t not in suite_tasks]
     plots.scores(metrics, tasks, run_dir)
     figures = [("scores", "Scores before and after", "scores per task and arm, with 95% CI error bars", "")]
+    short = labels(metrics)
     if any(c["forgetting"] and c["learning"] for c in metrics["comparisons"].values()):
-        plots.tradeoff(metrics, run_dir)
+        plots.tradeoff(metrics, run_dir, short)
         figures.append(("tradeoff", "Learning vs forgetting",
                         "in-domain learning against the forgetting score, one point per arm",
                         "Each point is an arm: x is the mean in-domain Δ, y the forgetting score (mean Δ over the "
-                        "suite), bars are 95% CIs; the line joins the arms no other arm beats on both."))
+                        "suite), bars are 95% CIs; the line joins the arms no other arm beats on both."
+                        + (" Small markers are an arm's points (triangles: part-way through training, joined "
+                           "from the base; squares: interpolated toward its start, α)."
+                           if any(a.get("point") for a in metrics["arms"].values()) else "")))
+    if plots.curves(metrics, run_dir, short):
+        figures.append(("curves", "Forgetting curves", "learning and forgetting against the fraction of training steps",
+                        "Each line is an arm evaluated at `training.eval_at` fractions of its steps (0: the base, 1: "
+                        "the trained arm); bands are 95% CIs."))
     trained = [a for a, v in metrics["arms"].items() if v["train"]]
     if len(trained) >= HEATMAP_MIN_ARMS:
-        plots.heatmap(metrics, tasks, trained, run_dir)
+        plots.heatmap(metrics, tasks, trained, run_dir, short)
         figures.append(("heatmap", "Δ per task and arm", "task by arm heat map of Δ against the base",
                         "Colour: Δ in points (blue gain, red loss); * marks a 95% CI that excludes 0."))
     stages = [(a["train"] or {}, a.get("eval_resources") or {}) for a in metrics["arms"].values()]
@@ -819,7 +1002,9 @@ def _plots(metrics: dict, suite_tasks: list[str], domain_tasks: list[str], run_d
     key = "peak_gpu_allocated_bytes" if gpu else "peak_rss_bytes"
     rows = []
     for arm, (t, ev) in zip(metrics["arms"], stages):
-        rows.append({"arm": arm, "train_mem": t.get(key), "eval_mem": ev.get(key),
+        if metrics["arms"][arm].get("point"):  # an arm's point costs an evaluation, shown in the table
+            continue
+        rows.append({"arm": short[arm], "train_mem": t.get(key), "eval_mem": ev.get(key),
                      "mem_kind": "GPU allocated" if gpu else "RSS", "saved": (t.get("saved") or {}).get("bytes"),
                      "footprint": t.get("model_footprint_bytes") or ev.get("model_footprint_bytes")})
     if any(r["train_mem"] or r["saved"] for r in rows):

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import models, resources
+from harness import models, points, resources
 from harness.config import HarnessError, Method, Profile, TaskConfig
 from harness.data import load_split
 from harness.evaluate import formatter
@@ -372,13 +372,20 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     length = packed_length(examples, micro) if graphs else None
     if graphs:
         data_collator = fixed_length(data_collator, length)
+    snapshots = points.snapshot_steps(t.eval_at, max_steps)  # forgetting curves: weights part-way (harness/points.py)
+    callbacks = [_checkpoint_callback()(t, max_steps, arm=out_dir.name)]
+    if snapshots:
+        callbacks.append(_snapshot_callback()(snapshots, tokenizer, out_dir, record={
+            "method": method, "base_model": model_path, "quant": task.quant if method == "qlora" else None}))
     trainer = _trainer_class()(model=model, args=args, train_dataset=examples, data_collator=data_collator,
-                               callbacks=[_checkpoint_callback()(t, max_steps, arm=out_dir.name)])
+                               callbacks=callbacks)
     trainer.step_graph = StepGraph(model) if graphs else None
     if mit.l2_to_base:
         trainer.l2_to_base = mit.l2_to_base
         trainer.l2_reference = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     checkpoint = resume_checkpoint(out_dir / "trainer")
+    if checkpoint is None:  # from scratch: snapshots of an earlier attempt are not this run's
+        shutil.rmtree(out_dir / points.SNAPSHOTS, ignore_errors=True)
     # A KV cache during training makes transformers skip the packed-sequence mask (examples would
     # attend across their boundaries); it is useless for training anyway.
     config = model.config
@@ -418,6 +425,7 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         "examples_per_second": seen / seconds,
         "trainable_params": trainable,
         "mitigation": {"freeze_layers": mit.freeze_layers, "l2_to_base": mit.l2_to_base},
+        **({"snapshots": {format(f, "g"): step for step, fs in snapshots.items() for f in fs}} if snapshots else {}),
         "total_params": total,
         "trainable_pct": 100.0 * trainable / total,
         "base_4bit": models.is_4bit(model),
@@ -461,6 +469,25 @@ def _checkpoint_callback():
             stop_point(f"train:{self.arm}:{state.global_step}")
 
     return Checkpoints
+
+
+def _snapshot_callback():
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        """The weights (or adapter) right after the optimizer steps of `training.eval_at`, saved as an arm
+        is (models.save_arm) under <arm>/at/<fraction>/: a point of the forgetting curve, evaluated later."""
+
+        def __init__(self, steps: dict[int, list[float]], tokenizer, out_dir: Path, *, record: dict):
+            self.steps, self.tokenizer, self.out_dir, self.record = steps, tokenizer, out_dir, record
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            for f in self.steps.get(state.global_step, []):
+                models.save_arm(model, self.tokenizer, points.snapshot_dir(self.out_dir, f),
+                                record={**self.record, "step": state.global_step, "fraction": f})
+            return control
+
+    return Snapshots
 
 
 def _step(checkpoint: Path) -> int:

@@ -164,6 +164,11 @@ CASES = [
      ["mitigation.freeze_layers: 2 would freeze every one of the model's 2 decoder layers"]),
     ("l2-for-adapters", lambda e: ["mitigation.l2_to_base=0.1", "--methods", "qlora"],
      ["mitigation.l2_to_base: pulls full fine-tuning's weights toward the base; method qlora"]),
+    ("eval-at-outside", lambda e: ["training.eval_at=[0.5, 1.5]"],
+     ["training.eval_at: each entry a fraction of the steps in (0, 1], got 1.5"]),
+    ("interpolate-outside", lambda e: ["mitigation.interpolate=[-0.5]"], ["mitigation.interpolate: each alpha in [0, 1], got -0.5"]),
+    ("interpolate-dora", lambda e: ["mitigation.interpolate=[0.5]", "lora.use_dora=true", "--methods", "lora"],
+     ["mitigation.interpolate: scales the adapter's update, which lora.use_dora makes non-linear"]),
     ("scheduler-unknown", lambda e: ["training.lr_scheduler=bogus"],
      ["training.lr_scheduler: 'bogus' is not a transformers scheduler", "cosine"]),
 ]

@@ -160,3 +160,33 @@ def test_matched_learning_section_names_the_arms_it_reads():
     assert set(rows) == {"full", "qlora"}  # the 4-bit reference is not a method
     assert rows["full"][1] == "-2.0" and rows["full"][2].startswith("between the base (0, 0) and full (learning +20.0")
     assert rows["qlora"][1] == "-1.0" and rows["qlora"][2].startswith("at qlora (learning +10.0, forgetting -1.0 [")
+
+
+def test_many_arms_get_short_labels_rows_and_a_digest(run, tmp_path):
+    """A sweep's long arm names become <method>-<k> with a legend; with more than four arms the score
+    tables put arms in rows (bold where significant) and the summary counts instead of listing."""
+    run_dir = tmp_path / "t1"
+    shutil.copytree(_run_dir(run), run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    names = []
+    for i, lr in enumerate(["1e-4", "5e-4", "1e-3"]):
+        name = f"full_learning_rate={lr}_epochs=3"
+        names.append(name)
+        rec = json.loads((run_dir / "arms/full.json").read_text())
+        (run_dir / f"arms/{name}.json").write_text(json.dumps({**rec, "arm": name}))
+        shutil.copy(run_dir / "samples/full.csv", run_dir / f"samples/{name}.csv")
+        config["arms"][name] = {"method": "full", "overrides": [f"methods.full.learning_rate={lr}", "training.epochs=3"]}
+    config["methods"] += names
+    (run_dir / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    md = (run_dir / "report.md").read_text()
+    assert "| full-2 | `full_learning_rate=5e-4_epochs=3` | full | `methods.full.learning_rate=5e-4` `training.epochs=3` |" in md
+    general = md.split("## General benchmarks (forgetting)")[1].split("##")[0]
+    header = next(line for line in general.splitlines() if line.startswith("| arm |"))
+    assert "arc_easy acc, base" in header and "boolq (at chance) acc, base" in header
+    rows = [line.split(" | ")[0].strip("| ") for line in general.splitlines() if line.startswith("| ")][2:]
+    assert rows == ["base-nf4", "full", "lora", "qlora", "full-1", "full-2", "full-3"]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["summary"].startswith("6 fine-tuned arms; ")
+    assert "full_learning_rate" not in general  # labels, not names, in the wide tables
