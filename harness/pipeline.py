@@ -307,7 +307,8 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
                 ppl = {**pv["results"][suite.perplexity.task], "n": pv["n"][suite.perplexity.task],
                        "seconds": pv["seconds"], "task": suite.perplexity.task,
                        "samples": pv["samples"][suite.perplexity.task], "version": pv["versions"][suite.perplexity.task]}
-                log(f"{name}: {suite.perplexity.task} word perplexity {ppl.get('word_perplexity', float('nan')):.2f} "
+                wp = ppl.get("word_perplexity")  # None where lm-eval's was nan (a diverged model)
+                log(f"{name}: {suite.perplexity.task} word perplexity {'n/a (nan)' if wp is None else format(wp, '.2f')} "
                     f"({ppl['n']} documents, {pv['seconds']:.0f}s)")
         return ev, ppl, {**measured.result, "model_footprint_bytes": resources.footprint_bytes(model)}
 
@@ -581,7 +582,9 @@ def _keep_train_data(path: Path, config: dict) -> None:
     except (OSError, json.JSONDecodeError):
         return
     # The examples depend on the training data and settings, the profile and the model (not on, say, points).
-    same = (all(previous.get(k) == config[k] for k in ("profile", "model"))
+    # The model by its content: its record's wording differs between a first conversion and a cached copy.
+    same = (previous.get("profile") == config["profile"]
+            and (previous.get("model") or {}).get("content_sha256") == config["model"]["content_sha256"]
             and all((previous.get("task") or {}).get(k) == config["task"][k] for k in ("train", "training")))
     if same and previous.get("train_data"):
         config["train_data"] = previous["train_data"]

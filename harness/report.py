@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 from harness import plots, stats
@@ -79,6 +80,7 @@ def run(run_dir: Path) -> Path:
         if _method(arm) == "qlora" and NF4_REFERENCE in arms:
             comp["vs_nf4_base"] = _compare(arms[NF4_REFERENCE], arm, entries, measurable, seed)
         metrics["comparisons"][name] = comp
+    metrics["mitigations"] = _mitigation_effects(config, arms, entries, measurable, seed)
     metrics["failed_arms"] = failed
     metrics["missing_arms"] = [m for m in [*config["methods"], *point_of] if m not in arms and m not in failed]
     metrics["provenance"] = _provenance(config)
@@ -91,6 +93,39 @@ def run(run_dir: Path) -> Path:
     write_text(run_dir / "report.md", to_markdown(blocks))
     write_text(run_dir / "report.html", to_html(blocks, run_dir, title=_title(config)))
     return run_dir / "report.md"
+
+
+NOT_SETTINGS = ("mitigation.", "training.eval_at=", "training.save_minutes=")  # change no weights of the arm
+
+
+def _settings(overrides: list[str]) -> frozenset:
+    return frozenset(o for o in overrides if not o.startswith(NOT_SETTINGS))
+
+
+def _mitigation_effects(config: dict, arms: dict, entries: list[dict], measurable: dict, seed: int) -> list[dict]:
+    """Each mitigated arm against the arm with the same settings but no mitigation (a grid point), and
+    each interpolation point against its own arm: paired on the same documents, so the Δ of the
+    forgetting score is what the mitigation changed, with its CI."""
+    spec = config.get("arms") or {}
+    plain = {}
+    for name, a in spec.items():
+        if name in arms and not any(o.startswith("mitigation.") and not o.startswith("mitigation.interpolate=")
+                                    for o in a.get("overrides", [])):
+            plain.setdefault((a["method"], _settings(a.get("overrides", []))), name)
+    out = []
+    for name, a in spec.items():
+        used = [o for o in a.get("overrides", []) if o.startswith("mitigation.") and not o.startswith("mitigation.interpolate=")]
+        ref = plain.get((a["method"], _settings(a.get("overrides", []))))
+        if used and ref and name in arms:
+            out.append({"arm": name, "reference": ref, "mitigation": " ".join(used)})
+    for name, arm in arms.items():
+        pt = arm.get("point")
+        if pt and pt["kind"] == "alpha" and pt["of"] in arms:
+            out.append({"arm": name, "reference": pt["of"], "mitigation": f"interpolation α = {pt['value']:g}"})
+    for m in out:
+        c = _compare(arms[m["reference"]], arms[m["arm"]], entries, measurable, seed)
+        m.update(forgetting=c["forgetting"], learning=c["learning"])
+    return out
 
 
 def _method(arm: dict) -> str | None:
@@ -149,6 +184,9 @@ def _kl_summary(kl: dict | None, seed: int) -> dict | None:
         if not isinstance(v, dict) or not v.get("docs"):
             continue
         docs = [d for d in v["docs"] if d[2] > 0]
+        if not all(math.isfinite(d[1]) for d in docs):  # a diverged arm's logits are nan: no KL to report
+            out[source] = {"task": v["task"], "max_tokens": v.get("max_tokens"), "nonfinite": True, "n": len(docs)}
+            continue
         ci = stats.weighted_mean_ci([d[1] / d[2] for d in docs], [d[2] for d in docs], n_boot=N_BOOT, seed=seed)
         out[source] = {"task": v["task"], "max_tokens": v.get("max_tokens"), **ci}
     return out or None
@@ -214,6 +252,8 @@ def _compare(base: dict, arm: dict, entries: list[dict], measurable: dict, seed:
     """Paired statistics of one arm against a reference evaluated on the same documents: every
     per-document metric of every task; each group's aggregate; the forgetting score (mean of the
     suite's counted proportion-metric Δs, tasks at chance left out), learning, and drift."""
+    import numpy as np
+
     comp = {"tasks": {}}
     pairs: dict[str, dict[str, tuple]] = {}
     for task, records in arm["samples"].items():
@@ -229,6 +269,9 @@ def _compare(base: dict, arm: dict, entries: list[dict], measurable: dict, seed:
             if f"{metric}:w" in records[0]:
                 _, w = stats.align(base["samples"][task], records, metric=f"{metric}:w")
             if not b.size:
+                continue
+            if not (np.isfinite(b).all() and np.isfinite(a).all()):  # a diverged model (nan loss) scores nan
+                comp.setdefault("nonfinite", []).append(f"{task} {metric}")
                 continue
             comp["tasks"][task][metric] = stats.paired_delta(b, a, n_boot=N_BOOT, seed=seed, weights=w)
             comp["tasks"][task][metric]["proportion"] = _is_proportion(b) and _is_proportion(a)
@@ -431,6 +474,8 @@ def _digest(metrics: dict, trained: list[str]) -> str:
         parts.append(f"At matched learning ({m['learning']:+.1f} points in-domain), the forgetting score is "
                      + ", ".join(f"{k} {v['forgetting']:+.1f}" for k, v in order)
                      + " (read off each method's frontier; see the table for the arms and CIs it comes from).")
+    if metrics.get("mitigations"):
+        parts.append(_mitigation_verdict(metrics))
     q = comps.get(NF4_REFERENCE, {}).get("forgetting")
     if q:
         word = "changed" if q["significant"] else "did not significantly change"
@@ -708,7 +753,7 @@ def _aggregates(metrics: dict) -> list[tuple]:
             rows.append([label, _ci(comp["forgetting"]), bid_s, _ci(comp["learning"])])
     header = ["arm", "forgetting score: mean Δ over the suite",
               "Biderman et al. avg (hellaswag, arc_challenge, winogrande acc)", "learning: mean in-domain Δ"]
-    return [("h", 2, "Aggregates"), ("table", header, rows), *_matched(metrics)]
+    return [("h", 2, "Aggregates"), ("table", header, rows), *_matched(metrics), *_mitigation_blocks(metrics)]
 
 
 def _points(metrics: dict) -> list[tuple]:
@@ -734,7 +779,7 @@ def _points(metrics: dict) -> list[tuple]:
                 where = f"interpolated, α = {pt['value']:g}"
             kl = ((metrics["arms"].get(name) or {}).get("kl") or {}).get("general")
             rows.append([short.get(name, name), where, _ci(c.get("learning")), _ci(c.get("forgetting")),
-                         f"{kl['mean']:.4f}" if kl else "n/a"])
+                         _kl_cell(kl).split(" [")[0] if kl else "n/a"])
     if not rows:
         return []
     return [("h", 2, "Forgetting curves and interpolation"),
@@ -744,6 +789,43 @@ def _points(metrics: dict) -> list[tuple]:
                   "or the 4-bit base for QLoRA). Each row is the arm's own evaluation; the last row of each arm is the "
                   "trained arm itself."),
             ("table", ["point", "where", "learning: mean in-domain Δ", "forgetting score", "KL general"], rows)]
+
+
+def _mitigation_verdict(metrics: dict) -> str:
+    """Per method, the mitigation that raised the forgetting score most (paired against its own arm)."""
+    best: dict[str, dict] = {}
+    for m in metrics.get("mitigations") or []:
+        if not (m["forgetting"] and m["learning"]):
+            continue
+        method = _method(metrics["arms"][m["reference"]]) or "?"
+        if method not in best or m["forgetting"]["delta"] > best[method]["forgetting"]["delta"]:
+            best[method] = m
+    return " ".join(
+        f"For {method}, {m['mitigation'].replace('mitigation.', '')} on {_lab(metrics, m['reference'])} moved the "
+        f"forgetting score most: {_ci(m['forgetting'])} points, at a learning change of {_ci(m['learning'])}."
+        for method, m in best.items())
+
+
+def _mitigation_blocks(metrics: dict) -> list[tuple]:
+    rows = []
+    for m in metrics.get("mitigations") or []:
+        if not (m["forgetting"] and m["learning"]):
+            continue
+        comps = metrics["comparisons"]
+        ref_f, arm_f = comps[m["reference"]]["forgetting"], comps[m["arm"]]["forgetting"]
+        ref_l, arm_l = comps[m["reference"]]["learning"], comps[m["arm"]]["learning"]
+        rows.append([m["mitigation"].replace("mitigation.", ""), _lab(metrics, m["arm"]), _lab(metrics, m["reference"]),
+                     f"{100 * ref_f['delta']:+.1f} → {100 * arm_f['delta']:+.1f}", _ci(m["forgetting"]),
+                     f"{100 * ref_l['delta']:+.1f} → {100 * arm_l['delta']:+.1f}", _ci(m["learning"])])
+    if not rows:
+        return []
+    verdict = _mitigation_verdict(metrics)
+    return [("h", 3, "What each mitigation changed"),
+            ("p", "Each mitigated arm against the arm with the same settings and no mitigation, paired on the same "
+                  "documents (an interpolation against the arm it was interpolated from): the Δ is mitigated − "
+                  "unmitigated, so a positive forgetting Δ is general ability kept. " + verdict),
+            ("table", ["mitigation", "arm", "against", "forgetting score (against → arm)", "Δ forgetting [95% CI]",
+                       "learning (against → arm)", "Δ learning [95% CI]"], rows)]
 
 
 def _matched_learning(metrics: dict) -> dict | None:
@@ -788,6 +870,8 @@ def _matched(metrics: dict) -> list[tuple]:
 def _kl_cell(k: dict | None) -> str:
     if not k:
         return "n/a"
+    if k.get("nonfinite"):
+        return "non-finite (diverged)"
     return f"{k['mean']:.4f} [{k['ci_low']:.4f}, {k['ci_high']:.4f}] ({k['n']} docs)"
 
 
@@ -820,6 +904,11 @@ def _drift(metrics: dict) -> list[tuple]:
     if notes:
         blocks.append(("p", "Left out of the forgetting score (suite tasks) and the learning score (in-domain): "
                             + "; ".join(sorted(set(notes))) + "."))
+    diverged = {arm: c["nonfinite"] for arm, c in metrics["comparisons"].items() if c.get("nonfinite")}
+    if diverged:
+        blocks.append(("p", "**Diverged** (non-finite per-document values, e.g. a nan training loss; those metrics "
+                            "have no Δ): " + "; ".join(f"{_lab(metrics, a)}: {', '.join(v)}" for a, v in diverged.items())
+                            + "."))
     return blocks
 
 
@@ -846,13 +935,16 @@ COLLAPSED_RATIO = 10.0  # a perplexity 10x the base's: the model no longer model
 
 
 def _ppl(x: float) -> str:
-    return "inf (collapsed)" if x == float("inf") else f"{x:,.3f}"
+    if x == float("inf"):
+        return "inf (collapsed)"
+    return f"{x:.2e}" if x >= 1e6 else f"{x:,.3f}"  # a collapsed model's perplexity: no 16-digit figures
 
 
 def _rel(d: dict) -> str:
     """A perplexity change; a blow-up is flagged as collapsed with its ratio, never a seven-digit percentage."""
     if d["arm"] == float("inf") or (d["base"] and d["arm"] / d["base"] >= COLLAPSED_RATIO):
-        ratio = "inf" if d["arm"] == float("inf") else f"{d['arm'] / d['base']:,.0f}x"
+        r = d["arm"] / d["base"] if d["arm"] != float("inf") else None
+        ratio = "inf" if r is None else (f"{r:.1e}x" if r >= 1e6 else f"{r:,.0f}x")
         return f"collapsed ({ratio} the base)"
     return f"{d['delta']:+.3f} ({d['rel_pct']:+.1f}%)"
 

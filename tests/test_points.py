@@ -79,4 +79,5 @@ def test_points_are_evaluated_recorded_reported_and_resumed(tmp_path, tiny_model
     _, out = _compare(tmp_path, tiny_model, tiny_task, mirror, "mitigation.interpolate=[0, 0.5, 0.25]")
     assert "full_alpha=0.25: interpolated, alpha 0.25" in out and "lora_alpha=0.25: interpolated" in out
     assert "full: training (" not in out and "full_alpha=0.5: interpolated" not in out
+    assert "full_at=0.5: weights at" not in out  # the snapshot's evaluation is recorded: not redone
     assert (run_dir / "arms/full_alpha=0.25.json").exists()

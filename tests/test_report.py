@@ -190,3 +190,49 @@ def test_many_arms_get_short_labels_rows_and_a_digest(run, tmp_path):
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["summary"].startswith("6 fine-tuned arms; ")
     assert "full_learning_rate" not in general  # labels, not names, in the wide tables
+
+
+def test_a_diverged_arm_is_reported_with_its_nan_metrics_named(run, tmp_path):
+    """A nan training loss leaves nan bits per byte and KL: the report still renders, names them, and
+    computes every finite metric as before."""
+    import csv
+    import gzip
+    import math
+
+    run_dir = tmp_path / "t1"
+    shutil.copytree(_run_dir(run), run_dir)
+    path = run_dir / "samples/full.csv"
+    if not path.exists():
+        with gzip.open(path.with_suffix(".csv.gz"), "rt") as fh:
+            path.write_text(fh.read())
+    rows = list(csv.DictReader(path.open()))
+    for r in rows:
+        if r["metric"] == "bits_per_byte":
+            r["value"] = "nan"
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    rec = json.loads((run_dir / "arms/full.json").read_text())
+    for source in rec["kl"].values():
+        if isinstance(source, dict):
+            for d in source["docs"]:
+                d[1] = math.nan
+    (run_dir / "arms/full.json").write_text(json.dumps(rec))
+    result = CliRunner().invoke(cli, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    md = (run_dir / "report.md").read_text()
+    assert "**Diverged** (non-finite per-document values" in md and "full: wikitext bits_per_byte" in md
+    assert "| full | non-finite (diverged) | non-finite (diverged) |" in md
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["comparisons"]["full"]["forgetting"] is not None  # the accuracies still count
+
+
+def test_a_collapsed_perplexity_reads_as_collapsed_not_as_digits():
+    from harness.report import _ppl, _rel
+
+    blown = {"base": 32.72, "arm": 1.6558873915944471e13, "delta": 1.6558873915944471e13 - 32.72, "rel_pct": 5e13}
+    assert _rel(blown) == "collapsed (5.1e+11x the base)"
+    assert _ppl(blown["arm"]) == "1.66e+13"
+    assert _rel({"base": 32.72, "arm": 1319.1, "delta": 1286.4, "rel_pct": 3931.5}) == "collapsed (40x the base)"
+    assert _rel({"base": 32.72, "arm": 38.11, "delta": 5.39, "rel_pct": 16.5}) == "+5.390 (+16.5%)"
