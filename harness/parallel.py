@@ -7,7 +7,7 @@ then evaluate) in its own process; with several GPUs, each job on the one `Place
 On a small model the GPU idles through most of a job: a QLoRA step of SmolLM2-135M on an H200 is
 ~430 ms of Python and kernel launches over 210 wrapped 4-bit layers. Jobs in separate processes
 overlap almost perfectly, so the wall time becomes the longest job's instead of the sum. They share
-nothing but files: each child runs `pipeline.compare` restricted to its job (`CompareSpec.only`) and
+nothing but files: each child runs `pipeline.run_job`, i.e. `compare` restricted to its job (`CompareSpec.only`), and
 writes the same records a sequential run writes; the parent waits, then writes the report. Times
 measured while jobs share the device include their contention: the report says so. Each job's peak
 memory is its own process's (torch's allocator); the device-wide NVML figure is not sampled.
@@ -19,6 +19,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from harness.config import HarnessError
@@ -142,14 +143,6 @@ class Job:
     log: Path
 
 
-def run_job(job: Job) -> str:
-    """In the child: the job's part of `pipeline.compare`. A HarnessError comes back to the parent as itself."""
-    from harness.pipeline import compare
-
-    compare(job.spec, list(job.arms))
-    return job.name
-
-
 def _child_start(env: dict, log: str) -> None:
     """A job's process, before it imports torch: its environment (its GPU, thread count), and its
     stdout and stderr (progress bars included) into the job's log."""
@@ -176,9 +169,11 @@ class Jobs:
     job's GPU is set before CUDA starts, and nothing stays loaded between jobs). Results and errors
     come back as objects; the harness's own stage lines in each log are relayed to this terminal."""
 
-    def __init__(self, spec, arms, names: list[str], n: int, log_dir: Path, log, *,
+    def __init__(self, spec, arms, names: list[str], n: int, log_dir: Path, log, *, runner: Callable[[Job], str],
                  needs: dict[str, float] | None = None, placer: Placer | None = None):
-        self.spec, self.arms, self.queue, self.n = spec, arms, list(names), n
+        # `runner` (pipeline.run_job) is what a child runs: passed in, so this module imports no stage
+        # and the import graph has no cycle; it is pickled by reference for the spawned process.
+        self.spec, self.arms, self.queue, self.n, self.runner = spec, arms, list(names), n, runner
         self.needs = needs or {}
         self.placer = placer or Placer(None, limit=n)  # one device, n at a time
         self.log_dir, self.log = Path(log_dir), log
@@ -214,7 +209,7 @@ class Jobs:
         job = Job(name, dataclasses.replace(self.spec, only=(name,)), tuple(self.arms), env, log)
         pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_child_start, initargs=(env, str(log)))
-        self.running.append(_Running(job, pool, pool.submit(run_job, job), time.perf_counter()))
+        self.running.append(_Running(job, pool, pool.submit(self.runner, job), time.perf_counter()))
         where = f"GPU {device}; " if len(self.placer.used) > 1 else ""
         self.log(f"job {name}: started ({where}{len(self.running)} running; log {log})")
 

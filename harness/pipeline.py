@@ -529,7 +529,8 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
             gpus = parallel.gpu_capacity() if models.device_kind() == "cuda" else None
             auto = parallel.parse_jobs(spec.jobs) is None
             placer = parallel.Placer(gpus if auto else None, limit=n, devices=len(gpus or [0]))
-            jobs = parallel.Jobs(spec, arms, names, n, p["work_dir"] / "jobs", log, needs=need, placer=placer).start()
+            jobs = parallel.Jobs(spec, arms, names, n, p["work_dir"] / "jobs", log, runner=run_job, needs=need,
+                                 placer=placer).start()
             if pending and _trained(p["work_dir"] / pending[0].name, arm_inputs(pending[0])) is None:
                 record_train_data(pending[0], mix=False)  # for config.json, while the jobs run
             jobs.wait()
@@ -553,6 +554,13 @@ def compare(spec: CompareSpec, arms: list[Arm] | None = None) -> Path:
     out = report.run(run_dir)
     log(f"report: {out}")
     return run_dir
+
+
+def run_job(job: parallel.Job) -> str:
+    """In a job's own process (harness/parallel.py): its part of `compare`. A HarnessError comes back to
+    the parent as itself."""
+    compare(job.spec, list(job.arms))
+    return job.name
 
 
 def _min(*xs):

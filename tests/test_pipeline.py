@@ -250,7 +250,7 @@ def test_jobs_are_placed_on_gpus_by_their_memory(monkeypatch):
 
 def test_each_job_sees_only_its_gpu(monkeypatch, tmp_path):
     from harness import parallel
-    from harness.pipeline import Arm, CompareSpec
+    from harness.pipeline import Arm, CompareSpec, run_job
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     assert [parallel.visible_device(i) for i in (0, 1)] == ["4", "5"]
@@ -278,7 +278,7 @@ def test_each_job_sees_only_its_gpu(monkeypatch, tmp_path):
     placer = parallel.Placer([68 * gib, 68 * gib], limit=4)
     arms = [Arm("full", "full"), Arm("qlora", "qlora")]
     jobs = parallel.Jobs(CompareSpec(task="finance", model="m"), arms, ["full", "qlora", "base"], 4,
-                         tmp_path / "jobs", lambda msg: None, needs={"full": 50 * gib, "qlora": 50 * gib,
+                         tmp_path / "jobs", lambda msg: None, runner=run_job, needs={"full": 50 * gib, "qlora": 50 * gib,
                                                                      "base": 10 * gib}, placer=placer)
     jobs.start().wait()
     assert started["full"] != started["qlora"] and {started["full"], started["qlora"]} == {"4", "5"}
@@ -289,13 +289,39 @@ def test_a_jobs_error_comes_back_as_an_object(tmp_path):
     """A real child process (spawn) whose job stops with a HarnessError: the parent names the job and
     the error's own line, not text scraped from its output; the job's log holds what it printed."""
     from harness import parallel
-    from harness.pipeline import Arm, CompareSpec
+    from harness.pipeline import Arm, CompareSpec, run_job
 
     spec = CompareSpec(task="no-such-task", model="m", results_dir=tmp_path / "r", work_dir=tmp_path / "w")
     lines = []
-    jobs = parallel.Jobs(spec, [Arm("full", "full")], ["full"], 1, tmp_path / "jobs", lines.append)
+    jobs = parallel.Jobs(spec, [Arm("full", "full")], ["full"], 1, tmp_path / "jobs", lines.append, runner=run_job)
     with pytest.raises(parallel.HarnessError) as e:
         jobs.start().wait()
     assert str(e.value).startswith("jobs failed: full (unknown task 'no-such-task'")
     assert "job full: FAILED" in lines[-1]
     assert (tmp_path / "jobs" / "full.log").exists()
+
+
+def test_the_harness_import_graph_has_no_cycle():
+    """Every `harness.*` import, lazy ones inside functions included: no module reaches itself."""
+    import ast
+
+    from harness.config import PROJECT_ROOT
+
+    files = {p.stem: p for p in (PROJECT_ROOT / "harness").glob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "harness":
+                deps |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("harness."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("harness.")}
+        graph[name] = deps - {name}
+
+    def reaches(start, goal, seen):
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph.get(start, ()))
+
+    assert not [m for m in graph if reaches(m, m, {m})]
+    assert "parallel" in graph["pipeline"] and "pipeline" not in graph["parallel"]
