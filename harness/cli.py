@@ -94,7 +94,7 @@ def _spec(methods, **kw):
 
 def _resumed(ctx: click.Context, run_dir: Path):
     """The spec and arms recorded in RUN_DIR/config.json; other options would change the run, so they are refused."""
-    from harness.io import read_json
+    from harness import records
     from harness.pipeline import RESUMABLE, Arm, CompareSpec
 
     # What may run code (remote model code, pickled weights, task hooks) is never taken from a file in
@@ -110,14 +110,14 @@ def _resumed(ctx: click.Context, run_dir: Path):
     if not path.exists():
         raise HarnessError(f"--resume {run_dir}: no config.json there (not a run directory, or it stopped before "
                            "its model was resolved: re-run the original command with --run-id)")
-    config = read_json(path)
-    recorded = config.get("spec")
+    config = records.read_run(path)
+    recorded = config.spec
     if not isinstance(recorded, dict) or set(RESUMABLE) - set(recorded):
         raise HarnessError(f"{path}: no resumable settings recorded (written by an older harness); re-run the "
                            "original command with --run-id")
     import dataclasses
 
-    known = {f.name for f in dataclasses.fields(CompareSpec)} - {"run_id", "results_dir", "jobs", "only"}
+    known = {f.name for f in dataclasses.fields(CompareSpec)} - {"run_id", "results_dir", "jobs"}
     extra = sorted(set(recorded) - known)
     if extra:
         raise HarnessError(f"{path}: spec records unknown settings {', '.join(extra)} (written by another version "
@@ -128,7 +128,7 @@ def _resumed(ctx: click.Context, run_dir: Path):
                  "include_path": tuple(ctx.params.get("include_path") or ())}
     spec = CompareSpec(**settings, run_id=run_dir.resolve().name, results_dir=run_dir.resolve().parent.parent,
                        jobs=ctx.params.get("jobs", "auto"))  # how many at once does not change the run
-    arms = [Arm(name, a["method"], tuple(a["overrides"])) for name, a in config["arms"].items()]
+    arms = [Arm(name, a["method"], tuple(a["overrides"])) for name, a in config.arms.items()]
     return spec, arms
 
 

@@ -21,9 +21,12 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = PROJECT_ROOT / "tasks"
 SUITES_DIR = TASKS_DIR / "suites"
-METHODS = ("full", "lora", "qlora")
+# Choices as types: the YAML loader checks a Literal field's value against them (one line naming the field).
+MethodName = Literal["full", "lora", "qlora"]
+EvalBackend = Literal["auto", "harness", "hf"]
+METHODS: tuple[str, ...] = typing.get_args(MethodName)
 PROFILES = ("quick", "full")
-EVAL_BACKENDS = ("auto", "harness", "hf")
+EVAL_BACKENDS: tuple[str, ...] = typing.get_args(EvalBackend)
 
 
 class HarnessError(Exception):
@@ -93,6 +96,15 @@ class Training:
         "on a GPU, capture one micro-step's forward and backward as CUDA graphs and replay them (packed rows "
         "padded to one length): removes per-layer Python and launch overhead, which bounds a small model's "
         "steps. Needs packing; off with gradient checkpointing or compile", default=True)
+    distributed: Literal["none", "ddp", "fsdp"] = _help(
+        "train each arm over several devices, one process each, through HF Trainer under `accelerate launch` "
+        "(harness/distributed.py): ddp (every device a full copy, gradients averaged: LoRA/QLoRA, models that fit "
+        "one device), fsdp (weights, gradients and optimizer state sharded, one decoder layer a unit: full "
+        "fine-tuning of models that do not fit one device). Same examples, order and effective batch as on one "
+        "device. none: one device", default="none")
+    processes: int | None = _help(
+        "processes (devices) for training.distributed; null: every visible GPU. On a CPU (gloo), give a number",
+        default=None)
     eval_at: list[float] = _help(
         "forgetting curves: also evaluate the arm's weights at these fractions of its steps, e.g. [0.25, 0.5] "
         "(each a point `<arm>_at=0.25` of the report, evaluated like the arm; 1.0 is the arm itself)",
@@ -113,6 +125,8 @@ class Training:
         for name in ("logging_steps", "save_steps"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise HarnessError(f"training.{name}: must be > 0, got {getattr(self, name)}")
+        if self.processes is not None and self.processes < 2:
+            raise HarnessError(f"training.processes: at least 2 for training.distributed, got {self.processes}")
         if self.save_minutes < 0:
             raise HarnessError(f"training.save_minutes: must be >= 0, got {self.save_minutes}")
         if not 0 <= self.warmup_ratio < 1:
@@ -138,7 +152,7 @@ class Profile:
     train_examples: int | None = _help("training examples to use (first N after a seeded shuffle); null = all", default=None)
     limit: int | None = _help("documents per evaluation task (lm-eval `limit`); null = all", default=None)
     eval_batch_size: int = _help("lm-eval batch size", default=8)
-    eval_backend: str = _help(
+    eval_backend: EvalBackend = _help(
         "lm-eval model class: harness (shared-prefix scoring of multiple-choice tasks, same results), hf "
         "(lm-eval's stock HFLM, to verify), or auto: harness (measured faster on the H200 and on 2 CPU cores)",
         default="auto")

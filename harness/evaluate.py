@@ -8,10 +8,10 @@ does not merge a dict with the registered YAML of the same name, so the whole co
 That uses lm_eval.tasks._yaml_loader.load_yaml (private): lm-eval's version range is kept narrow
 and tests/test_evaluate.py covers it.
 
-Two of lm-eval's own costs are removed without changing what it computes (measured on the general
+Two of lm-eval's own costs are removed (the patches, in harness/lm_eval_patches.py) without changing what it computes (measured on the general
 suite, 19,965 documents, with a model that answers instantly: 74 s of lm-eval's time -> 22 s on this
 2-core machine; scripts/bench_eval.py checks per-document agreement with stock lm-eval):
-- `cached_templates`: lm_eval.utils.apply_template compiles a task's Jinja template anew for every
+- `cached_templates` (harness/lm_eval_patches.py): lm_eval.utils.apply_template compiles a task's Jinja template anew for every
   document and field (~76,000 compilations for the suite, 70% of the time); inside the block each
   distinct template is compiled once, in lm-eval's own Environment, and rendered as before.
 - `eval_task`: a Task is built once per process and data version and its evaluation documents are
@@ -21,7 +21,6 @@ suite, 19,965 documents, with a model that answers instantly: 74 s of lm-eval's 
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import math
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from harness import context, lm_eval_patches
 from harness.config import TASKS_DIR, HarnessError
 from harness.data import mirror_file
 
@@ -51,25 +51,8 @@ GPU_GEN_MEMORY = 24 * 2**30
 GPU_PREFIX_RATIO = 0.5
 
 
-_EXTRA_INCLUDE: tuple[str, ...] = ()
-
-
-def set_include_paths(paths: tuple[str, ...] | list[str]) -> None:
-    """Task YAMLs (and their `!function` hooks, which run Python) load only from tasks/ and
-    directories the user names with --include-path; lm-eval's own registry is trusted as installed."""
-    global _EXTRA_INCLUDE
-    resolved = []
-    for p in paths:
-        d = Path(p).expanduser()
-        if not d.is_dir():
-            raise HarnessError(f"--include-path {p}: not a directory")
-        resolved.append(str(d.resolve()))
-    if tuple(resolved) != _EXTRA_INCLUDE:
-        _EXTRA_INCLUDE = tuple(resolved)
-        task_manager.cache_clear()
-        _TASKS.clear()
-
-
+# A memo, not a setting: the tasks this process has named so far, so that one TaskManager indexes
+# the registry directories of all of them (each new name costs one rebuild, not one per call).
 _NEEDED: frozenset[str] = frozenset()
 
 
@@ -79,25 +62,28 @@ def need_tasks(names) -> None:
     all ~14,000 registry YAMLs at construction: 14 s on the 2-core machine, in the parent of a
     compare and again in each parallel job, before any work."""
     global _NEEDED
-    names = frozenset(base_task(n) for n in names)
-    if not names <= _NEEDED:
-        _NEEDED = _NEEDED | frozenset(names)
-        task_manager.cache_clear()
+    _NEEDED = _NEEDED | frozenset(base_task(n) for n in names)
 
 
 def _own_paths() -> list[str]:
-    """Task directories indexed whole: the project's tasks/ and --include-path."""
-    return [str(TASKS_DIR), *_EXTRA_INCLUDE]
+    """Task directories indexed whole: the project's tasks/ and the run's --include-path (its context:
+    task YAMLs and their `!function` hooks, which run Python, load only from directories the user
+    names; lm-eval's own registry is trusted as installed)."""
+    return [str(TASKS_DIR), *context.current().include_paths]
 
 
-@lru_cache(maxsize=None)
 def task_manager():
+    """lm-eval's TaskManager for the current run's task directories and the tasks named so far."""
+    return _task_manager(tuple(_own_paths()), _NEEDED)
+
+
+@lru_cache(maxsize=4)
+def _task_manager(own: tuple[str, ...], needed: frozenset[str]):
     from lm_eval.tasks import TaskManager
 
-    own = _own_paths()
-    dirs = _registry_dirs(_NEEDED)
+    dirs = _registry_dirs(needed)
     if dirs is None:
-        return TaskManager(include_path=own)
+        return TaskManager(include_path=list(own))
     # Registry first, then ours: the same precedence (a later path overrides) as the whole index.
     return TaskManager(include_path=[*dirs, *own], include_defaults=False)
 
@@ -255,13 +241,11 @@ def eval_task(name: str, *, mirror: Path | None):
     config = task_config(name, mirror=mirror)
     files = config.get("dataset_kwargs", {}).get("data_files", {}) if isinstance(config, dict) else {}
     stamp = tuple(sorted((split, path, *_stat(path)) for split, path in files.items()))
-    key = (name, str(mirror), _EXTRA_INCLUDE, stamp)
+    key = (name, str(mirror), tuple(_own_paths()), stamp)
     if key not in _TASKS:
         task = _build_task(name, config)
-        docs = list(task.eval_docs)
-        # eval_docs calls test_docs() (else validation_docs()); an instance attribute answers first.
-        setattr(task, "test_docs" if task.has_test_docs() else "validation_docs", lambda: docs)
-        _guard_overflow(task)
+        lm_eval_patches.read_docs_once(task)
+        lm_eval_patches.guard_overflow(task)
         import copy
 
         task._harness_dump = copy.deepcopy(task.dump_config())
@@ -271,60 +255,9 @@ def eval_task(name: str, *, mirror: Path | None):
     return _TASKS[key]
 
 
-def _guard_overflow(task) -> None:
-    """lm-eval's perplexity aggregations are exp(mean negative log-likelihood): a collapsed model's
-    overflows math.exp and ends the whole evaluation with OverflowError. Here it is +inf instead (the
-    report marks it collapsed). The one patch of a Task's aggregation functions, in one place."""
-    import functools
-
-    aggs = getattr(task, "_aggregation_list", None)
-    if not isinstance(aggs, dict):
-        return
-    for metric, fn in list(aggs.items()):
-        if getattr(fn, "_harness_guarded", False):
-            continue
-
-        @functools.wraps(fn)
-        def guarded(items, _fn=fn):
-            try:
-                return _fn(items)
-            except OverflowError:
-                return float("inf")
-
-        guarded._harness_guarded = True
-        aggs[metric] = guarded
-
-
 def _stat(path: str) -> tuple[int, int]:
     st = Path(path).stat()
     return st.st_mtime_ns, st.st_size
-
-
-@contextlib.contextmanager
-def cached_templates():
-    """Within the block, lm-eval compiles each distinct Jinja template once (see the module doc)."""
-    import lm_eval.utils as lm_utils
-
-    original = lm_utils.apply_template
-    if original is _apply_template:  # already inside a block
-        yield
-        return
-    lm_utils.apply_template = _apply_template
-    try:
-        yield
-    finally:
-        lm_utils.apply_template = original
-
-
-@lru_cache(maxsize=1024)
-def _compiled(template: str):
-    import lm_eval.utils as lm_utils
-
-    return lm_utils.env.from_string(template)
-
-
-def _apply_template(template: str, doc: dict) -> str:
-    return _compiled(template).render(**doc)
 
 
 def _build_task(name: str, config):
@@ -485,7 +418,7 @@ def formatter(name: str, *, mirror: Path | None):
     delimiter = task.config.target_delimiter
 
     def fmt(doc: dict) -> tuple[str, str]:
-        with cached_templates():
+        with lm_eval_patches.cached_templates():
             text = task.doc_to_text(doc)
             target = task.doc_to_target(doc)
             choices = task.doc_to_choice(doc) if task.OUTPUT_TYPE == "multiple_choice" else None
@@ -560,7 +493,7 @@ def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path
         selected = subsample(names, {r.task: r.limit for r in group}, mirror=mirror, seed=seed)
         objects = [_configured(r, mirror) for r in group]
         seed_checks(seed)
-        with cached_templates():
+        with lm_eval_patches.cached_templates():
             out = simple_evaluate(
                 model=lm,
                 tasks=objects,
@@ -698,7 +631,7 @@ def kl_documents(name: str, *, mirror: Path | None, limit: int | None, seed: int
     docs = task.eval_docs
     ids = subsample([name], limit, mirror=mirror, seed=seed)[name]  # limit None: every document
     out = []
-    with cached_templates():
+    with lm_eval_patches.cached_templates():
         for i in ids:
             doc = docs[i]
             text = task.doc_to_target(doc) if task.OUTPUT_TYPE == "loglikelihood_rolling" else task.doc_to_text(doc)

@@ -49,6 +49,16 @@ def stop_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def log(msg: str) -> None:
+    """A stage line on stderr, `[harness HH:MM:SS job] msg`: what a parallel run's parent relays from
+    each job's log (harness/parallel.py sets HARNESS_JOB in each job's process)."""
+    import sys
+    from datetime import datetime
+
+    job = os.environ.get("HARNESS_JOB")
+    print(f"[harness {datetime.now().strftime('%H:%M:%S')}{' ' + job if job else ''}] {msg}", file=sys.stderr, flush=True)
+
+
 def remove_partial(run_dir: Path) -> None:
     """Temporary files a killed run left behind (never a finished artifact)."""
     for tmp in Path(run_dir).rglob(".*.tmp"):

@@ -45,12 +45,14 @@ def _run_record(adapter_dir: Path) -> dict:
     path = PROJECT_ROOT / "results" / task / run / "config.json"
     if not path.is_file():
         return {}
-    cfg = json.loads(path.read_text())
-    method = cfg.get("arms", {}).get(arm, {}).get("method")
-    if method is None:
+    from harness import records
+
+    cfg = records.read_run(path)
+    if arm not in cfg.arms:
         return {}
-    return {"method": method, "base_model": cfg["model"]["path"],
-            "quant": cfg["task"]["quant"] if method == "qlora" else None, "from": str(path)}
+    method = cfg.arms[arm]["method"]
+    return {"method": method, "base_model": cfg.model["path"],
+            "quant": cfg.task["quant"] if method == "qlora" else None, "from": str(path)}
 
 
 def adapter_info(adapter_dir: Path, base: str | None) -> dict:

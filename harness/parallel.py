@@ -7,7 +7,7 @@ then evaluate) in its own process; with several GPUs, each job on the one `Place
 On a small model the GPU idles through most of a job: a QLoRA step of SmolLM2-135M on an H200 is
 ~430 ms of Python and kernel launches over 210 wrapped 4-bit layers. Jobs in separate processes
 overlap almost perfectly, so the wall time becomes the longest job's instead of the sum. They share
-nothing but files: each child runs `pipeline.run_job`, i.e. `compare` restricted to its job (`CompareSpec.only`), and
+nothing but files: each child runs `pipeline.run_job` (plan the run, then do its one job) and
 writes the same records a sequential run writes; the parent waits, then writes the report. Times
 measured while jobs share the device include their contention: the report says so. Each job's peak
 memory is its own process's (torch's allocator); the device-wide NVML figure is not sampled.
@@ -137,7 +137,7 @@ class Job:
     an arm's training and evaluation), the arms, the environment its process starts with, its log."""
 
     name: str
-    spec: object  # pipeline.CompareSpec with only=(name,)
+    spec: object  # planning.CompareSpec of the whole run; the child does the job `name` of it
     arms: tuple
     env: dict
     log: Path
@@ -206,7 +206,7 @@ class Jobs:
         if len(self.placer.used) > 1:  # several GPUs: this job sees only its own
             env["CUDA_VISIBLE_DEVICES"] = visible_device(device)
         log = self.log_dir / f"{name}.log"
-        job = Job(name, dataclasses.replace(self.spec, only=(name,)), tuple(self.arms), env, log)
+        job = Job(name, self.spec, tuple(self.arms), env, log)
         pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_child_start, initargs=(env, str(log)))
         self.running.append(_Running(job, pool, pool.submit(self.runner, job), time.perf_counter()))

@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from harness import plots, stats
+from harness import plots, records, stats
 from harness.io import read_json, read_samples, write_json, write_text
 from harness.render import to_html, to_markdown
 
@@ -26,27 +26,15 @@ NF4_REFERENCE = plots.NF4_REFERENCE  # the base quantized as QLoRA loads it, no 
 HEATMAP_MIN_ARMS = 3  # a task x arm grid pays off for sweeps, not for two arms
 
 
-def _entries(config: dict) -> list[dict]:
-    """The run's evaluation entries (tasks and groups, suite and in-domain); runs before 2026-12
-    recorded only task names and metrics: each is a task of its own, higher is better."""
-    ev = config.get("evaluation")
-    if ev:
-        return ev["entries"]
-    out = [{"task": t["task"], "metric": t["metric"], "role": "suite", "kind": "task", "leaves": [t["task"]],
-            "groups": {}, "higher_is_better": {}} for t in config["suite"]["tasks"]]
-    out += [{"task": t["task"], "metric": t["metric"], "role": "in_domain", "kind": "task", "leaves": [t["task"]],
-             "groups": {}, "higher_is_better": {}} for t in config["task"]["in_domain"]]
-    return out
-
-
 def run(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    config = read_json(run_dir / "config.json")
-    entries = _entries(config)
+    config = records.to_dict(records.read_run(run_dir / "config.json"))  # every field present (migrated)
+    stored = read_json(run_dir / "config.json")  # shown in the report as written
+    entries = config["evaluation"]["entries"]
     suite_tasks = [e["task"] for e in entries if e["role"] == "suite"]
     domain_tasks = [e["task"] for e in entries if e["role"] == "in_domain"]
     metric_of = {leaf: e["metric"] for e in entries for leaf in e["leaves"]} | {e["task"]: e["metric"] for e in entries}
-    point_of = config.get("points") or {}  # snapshots and interpolations of an arm (harness/points.py)
+    point_of = config["points"]  # snapshots and interpolations of an arm (harness/points.py)
     arms, failed = _load_arms(run_dir, ["base", NF4_REFERENCE, *config["methods"], *point_of])
     if "base" not in arms:
         raise FileNotFoundError(f"{run_dir}/arms/base.json: the base evaluation is missing")
@@ -63,11 +51,11 @@ def run(run_dir: Path) -> Path:
                 tasks[e["task"]] = _group_score(e, tasks)
         metrics["arms"][name] = {
             "tasks": tasks,
-            "train": arm["train"], "eval_seconds": arm["eval_seconds"], "perplexity": arm.get("perplexity"),
-            "eval_resources": arm.get("eval_resources"), "baseline": arm.get("baseline"),
-            "kl": _kl_summary(arm.get("kl"), seed),
+            "train": arm["train"], "eval_seconds": arm["eval_seconds"], "perplexity": arm["perplexity"],
+            "eval_resources": arm["eval_resources"], "baseline": arm["baseline"],
+            "kl": _kl_summary(arm["kl"], seed),
             "lm_eval": _lm_eval_results(arm),
-            **({"point": arm["point"]} if arm.get("point") else {}),
+            **({"point": arm["point"]} if arm["point"] else {}),
         }
     measurable = _measurability(arms, entries)
     metrics["measurability"] = measurable
@@ -89,7 +77,7 @@ def run(run_dir: Path) -> Path:
     write_json(run_dir / "metrics.json", metrics)
     write_text(run_dir / "results.csv", _csv(metrics, suite_tasks))
     figures = _plots(metrics, suite_tasks, domain_tasks, run_dir)
-    blocks = _document(metrics, config, suite_tasks, domain_tasks, figures)
+    blocks = _document(metrics, config, suite_tasks, domain_tasks, figures, stored)
     write_text(run_dir / "report.md", to_markdown(blocks))
     write_text(run_dir / "report.html", to_html(blocks, run_dir, title=_title(config)))
     return run_dir / "report.md"
@@ -106,20 +94,20 @@ def _mitigation_effects(config: dict, arms: dict, entries: list[dict], measurabl
     """Each mitigated arm against the arm with the same settings but no mitigation (a grid point), and
     each interpolation point against its own arm: paired on the same documents, so the Δ of the
     forgetting score is what the mitigation changed, with its CI."""
-    spec = config.get("arms") or {}
+    spec = config["arms"]
     plain = {}
     for name, a in spec.items():
         if name in arms and not any(o.startswith("mitigation.") and not o.startswith("mitigation.interpolate=")
-                                    for o in a.get("overrides", [])):
-            plain.setdefault((a["method"], _settings(a.get("overrides", []))), name)
+                                    for o in a["overrides"]):
+            plain.setdefault((a["method"], _settings(a["overrides"])), name)
     out = []
     for name, a in spec.items():
-        used = [o for o in a.get("overrides", []) if o.startswith("mitigation.") and not o.startswith("mitigation.interpolate=")]
-        ref = plain.get((a["method"], _settings(a.get("overrides", []))))
+        used = [o for o in a["overrides"] if o.startswith("mitigation.") and not o.startswith("mitigation.interpolate=")]
+        ref = plain.get((a["method"], _settings(a["overrides"])))
         if used and ref and name in arms:
             out.append({"arm": name, "reference": ref, "mitigation": " ".join(used)})
     for name, arm in arms.items():
-        pt = arm.get("point")
+        pt = arm["point"]
         if pt and pt["kind"] == "alpha" and pt["of"] in arms:
             out.append({"arm": name, "reference": pt["of"], "mitigation": f"interpolation α = {pt['value']:g}"})
     for m in out:
@@ -130,7 +118,8 @@ def _mitigation_effects(config: dict, arms: dict, entries: list[dict], measurabl
 
 def _method(arm: dict) -> str | None:
     """The method an arm record was trained with; a point's, that of the arm it comes from."""
-    return (arm.get("train") or {}).get("method") or (arm.get("point") or {}).get("method")
+    # Either a record (every field present) or the report's own per-arm entry (a point's only has "point").
+    return (arm["train"] or {}).get("method") or (arm.get("point") or {}).get("method")
 
 
 def _stderr_key(metric: str | None) -> str:
@@ -349,27 +338,22 @@ def _group_pair(sub: dict, w: dict) -> tuple:
 def _lm_eval_results(arm: dict) -> dict:
     """The arm's scores in lm-eval's own results layout ("metric,filter" keys), for tools that read it."""
     results = {t: {"alias": t, **{f"{k},none": v for k, v in r.items()}} for t, r in arm["results"].items()}
-    ppl = arm.get("perplexity")
+    ppl = arm["perplexity"]
     if ppl:
         results[ppl["task"]] = {"alias": ppl["task"], **{f"{k},none": v for k, v in ppl.items()
                                                        if k not in ("task", "n", "seconds")}}
     n = {t: {"effective": c} for t, c in arm["n"].items()}
     if ppl:
         n[ppl["task"]] = {"effective": ppl["n"]}
-    return {"results": results, "versions": arm.get("versions", {}), "n-samples": n}
+    return {"results": results, "versions": arm["versions"], "n-samples": n}
 
 
 def _provenance(config: dict) -> dict:
-    td = config.get("train_data") or {}
-    datasets = config.get("datasets")
-    if datasets is None and td:  # runs before content hashing recorded only the training split
-        datasets = [{"id": td.get("dataset"), "config": td.get("config"), "split": td.get("split"),
-                     "rows": td.get("rows"), "sha256": None, "used_for": "train"}]
-    return {"model": config["model"], "datasets": datasets or [], "environment": config["environment"],
-            "seed": config["task"]["training"]["seed"], "profile": config["profile"], "device": config.get("device"),
-            "mirror": config.get("mirror"), "overrides": config.get("overrides", []),
-            "started": config.get("started"), "finished": config.get("finished"),
-            "wall_seconds": config.get("wall_seconds")}
+    return {"model": config["model"], "datasets": config["datasets"], "environment": config["environment"],
+            "seed": config["task"]["training"]["seed"], "profile": config["profile"], "device": config["device"],
+            "mirror": config["mirror"], "overrides": config["overrides"],
+            "started": config["started"], "finished": config["finished"],
+            "wall_seconds": config["wall_seconds"]}
 
 
 def _load_arms(run_dir: Path, names: list[str]) -> tuple[dict, dict]:
@@ -379,11 +363,11 @@ def _load_arms(run_dir: Path, names: list[str]) -> tuple[dict, dict]:
         path = run_dir / "arms" / f"{name}.json"
         if not path.exists():
             continue
-        record = read_json(path)
-        if record.get("status") == "failed":
-            failed[name] = record.get("error") or "no error message recorded"
+        record = records.read_arm(path)
+        if record.status == "failed":
+            failed[name] = record.error or "no error message recorded"
             continue
-        arms[name] = record
+        arms[name] = records.to_dict(record)
         arms[name]["samples"] = read_samples(run_dir / "samples" / f"{name}.csv")
     return arms, failed
 
@@ -659,7 +643,7 @@ def _legend(metrics: dict, config: dict) -> list[tuple]:
     for name, a in metrics["arms"].items():
         if name == "base" or a.get("point"):
             continue
-        arm = (config.get("arms") or {}).get(name, {})
+        arm = config["arms"].get(name, {})
         pts = [label[p] for p, b in metrics["arms"].items() if (b.get("point") or {}).get("of") == name]
         rows.append([label[name], f"`{name}`", _method(a) or "reference",
                      " ".join(f"`{o}`" for o in arm.get("overrides", [])) or "task file's settings",
@@ -690,9 +674,9 @@ def _b(n) -> str:
 
 
 def _document(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks: list[str],
-              figures: list[tuple]) -> list[tuple]:
+              figures: list[tuple], stored: dict) -> list[tuple]:
     prof = config["profile"]
-    td = config.get("train_data", {})
+    td = config["train_data"] or {}
     env = config["environment"]
     notes = []
     if metrics["failed_arms"]:
@@ -716,7 +700,7 @@ def _document(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
             "Full provenance at the end.",
             *([f"**Jobs** {config['jobs']} at once on one device (`--jobs`): stage times include their contention "
                "(`--jobs 1` measures each alone); memory figures are each job's own process (torch's allocator)."]
-              if (config.get("jobs") or 1) > 1 else []),
+              if (config["jobs"] or 1) > 1 else []),
         ]),
         ("p", "Scores in percent. Δ is arm − base on the same documents, with a 95% paired bootstrap CI; "
               "where the CI spans 0 the change is *not significant*"
@@ -731,7 +715,7 @@ def _document(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
     ]
     for stem, title, alt, caption in figures:
         blocks += [("h", 3, title), ("img", f"{stem}.png", alt)] + ([("p", caption)] if caption else [])
-    blocks += _provenance_blocks(metrics, config)
+    blocks += _provenance_blocks(metrics, stored)
     blocks.append(("p", "Files: `metrics.json` (all statistics, resources and provenance; per arm an lm-eval-style "
                         "`results` block), `results.csv` (one row per arm × task × metric), `samples/` (per-document "
                         "records), `config.json` (the resolved configuration and environment), `report.html` (this "
@@ -1029,7 +1013,7 @@ def _resources(metrics: dict) -> list[tuple]:
     return out
 
 
-def _provenance_blocks(metrics: dict, config: dict) -> list[tuple]:
+def _provenance_blocks(metrics: dict, stored: dict) -> list[tuple]:
     p = metrics["provenance"]
     model, env = p["model"], p["environment"]
     sha = model.get("content_sha256")
@@ -1058,7 +1042,7 @@ def _provenance_blocks(metrics: dict, config: dict) -> list[tuple]:
                           + (f"; {env['git_commit_note']}" if env.get("git_commit_note") else "")]]
     hw += [[k, v or "not installed"] for k, v in env.get("packages", {}).items()]
     blocks += [("h", 3, "Environment"), ("table", ["", "version / value"], [[k, str(v)] for k, v in hw]),
-               ("code", "Resolved configuration (config.json)", json.dumps(config, indent=2, sort_keys=True))]
+               ("code", "Resolved configuration (config.json)", json.dumps(stored, indent=2, sort_keys=True))]
     return blocks
 
 

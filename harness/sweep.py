@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from harness.config import METHODS, HarnessError, read_yaml
-from harness.pipeline import Arm
+from harness.planning import Arm
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:

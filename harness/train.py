@@ -320,8 +320,10 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     t = task.training
     batch = profile.batch_size or t.batch_size
     micro = min(settings.micro_batch_size, batch)
-    if batch % micro:
-        raise HarnessError(f"methods.{method}.micro_batch_size={micro} must divide the effective batch {batch}")
+    rank, n_proc = world()  # under training.distributed (harness/distributed.py): each process one device
+    if batch % (micro * n_proc):
+        raise HarnessError(f"methods.{method}.micro_batch_size={micro}" + (f" x {n_proc} processes" if n_proc > 1 else "")
+                           + f" must divide the effective batch {batch}")
     set_seed(t.seed)  # adapter init and dropout start from the same state for every arm
     tokenizer = models.load_tokenizer(model_path)
     model, trainable, total = models.build_model(
@@ -340,7 +342,7 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     args = TrainingArguments(
         output_dir=str(out_dir / "trainer"),
         per_device_train_batch_size=micro,
-        gradient_accumulation_steps=batch // micro,
+        gradient_accumulation_steps=batch // (micro * n_proc),  # each optimizer step: `batch` examples in all
         learning_rate=settings.learning_rate,
         max_steps=max_steps,
         warmup_steps=int(t.warmup_ratio * max_steps),
@@ -361,20 +363,23 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda,
         remove_unused_columns=False,
-        disable_tqdm=False,
+        disable_tqdm=rank != 0,
+        **(_fsdp_args(model) if n_proc > 1 and t.distributed == "fsdp" else {}),
     )
     # CUDA graphs need one shape for every step (packed rows padded to one length) and a step without
     # the Python that checkpointing's recomputation or compiled code runs.
     # (A mitigation changes which weights train or adds a loss term outside the captured step: no graphs.)
     graphs = (t.cuda_graphs and t.packing and not t.gradient_checkpointing and not t.compile and graphs_available()
-              and not mit.freeze_layers and not mit.l2_to_base)
+              and not mit.freeze_layers and not mit.l2_to_base and n_proc == 1)
     data_collator = collator(tokenizer, packing=t.packing)
     length = packed_length(examples, micro) if graphs else None
     if graphs:
         data_collator = fixed_length(data_collator, length)
     snapshots = points.snapshot_steps(t.eval_at, max_steps)  # forgetting curves: weights part-way (harness/points.py)
     callbacks = [_checkpoint_callback()(t, max_steps, arm=out_dir.name)]
-    if snapshots:
+    if snapshots and n_proc > 1 and t.distributed == "fsdp":
+        raise HarnessError("training.eval_at: snapshots of FSDP-sharded weights are not saved; use ddp, or no eval_at")
+    if snapshots and rank == 0:  # (under DDP every rank holds the same weights: one saves them)
         callbacks.append(_snapshot_callback()(snapshots, tokenizer, out_dir, record={
             "method": method, "base_model": model_path, "quant": task.quant if method == "qlora" else None}))
     trainer = _trainer_class()(model=model, args=args, train_dataset=examples, data_collator=data_collator,
@@ -400,9 +405,13 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     train_loss = out.training_loss
     if checkpoint is not None:
         train_loss = _resumed_loss(trainer.state.log_history, _step(checkpoint), out.training_loss, max_steps)
-    saved = models.save_arm(model, tokenizer, out_dir / ("adapter" if method != "full" else "model"),
-                            record={"method": method, "base_model": model_path,
-                                    "quant": task.quant if method == "qlora" else None})
+    # Sharded weights (FSDP) are gathered whole for rank 0; every rank takes part in the gathering.
+    state = trainer.accelerator.get_state_dict(trainer.model) if n_proc > 1 and t.distributed == "fsdp" else None
+    saved = None
+    if rank == 0:  # one process saves the arm
+        saved = models.save_arm(model, tokenizer, out_dir / ("adapter" if method != "full" else "model"),
+                                record={"method": method, "base_model": model_path,
+                                        "quant": task.quant if method == "qlora" else None}, state_dict=state)
     seen = max_steps * batch  # examples through the model (the trainer cycles the data)
     tokens = seen * sum(len(e["input_ids"]) for e in examples) / len(examples)  # unpadded
     stats = {
@@ -412,6 +421,7 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         "batch_size": batch,
         "steps": max_steps,
         "packing": t.packing,
+        **({"distributed": {"mode": t.distributed, "processes": n_proc}} if n_proc > 1 else {}),
         "compiled_blocks": n_compiled,
         "cuda_graphs": graphs,
         "padded_length": length,
@@ -437,6 +447,32 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the arm is saved; its checkpoint is spent
     model.eval()
     return TrainResult(model=model, stats=stats)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside a distributed launch (harness/distributed.py)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _fsdp_args(model) -> dict:
+    """TrainingArguments for FSDP: full sharding, each decoder layer its own unit. use_orig_params off
+    and the 4-bit storage in the compute dtype are what FSDP needs to shard QLoRA's NF4 weights
+    (Answer.AI's FSDP + QLoRA); rank 0 loads nothing extra (all ranks load the base from disk)."""
+    layer = type(_decoder_layers(model)[0]).__name__
+    return {"fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"transformer_layer_cls_to_wrap": [layer], "use_orig_params": False,
+                            "sync_module_states": False, "state_dict_type": "FULL_STATE_DICT",
+                            "limit_all_gathers": True}}
+
+
+def _decoder_layers(model):
+    """The model's repeated decoder blocks (model.model.layers for Llama-style models, under PEFT too)."""
+    for name, module in model.named_modules():
+        if name.endswith("layers") and hasattr(module, "__len__") and len(module):
+            return module
+    raise HarnessError(f"training.distributed=fsdp: no decoder layers found in {type(model).__name__}")
 
 
 def _checkpoint_callback():

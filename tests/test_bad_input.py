@@ -126,6 +126,17 @@ CASES = [
     ("run-id-traversal", lambda e: ["--run-id", "../escape"], ["--run-id '../escape'"]),
     ("results-not-writable", _not_writable, ["a-file/results", "not writable"]),
     ("gpu-where-none", lambda e: ["--device", "cuda"], ["--device cuda: no CUDA GPU is available"]),
+    ("distributed-on-cpu-without-processes", lambda e: ["training.distributed=ddp"],
+     ["training.distributed=ddp: on CPU, give training.processes"]),
+    ("distributed-unknown-mode", lambda e: ["training.distributed=deepspeed"],
+     ["distributed: 'deepspeed' is not one of ('none', 'ddp', 'fsdp')"]),
+    ("fsdp-with-snapshots", lambda e: ["training.distributed=fsdp", "training.processes=2", "training.eval_at=[0.5]"],
+     ["training.eval_at: snapshots of FSDP-sharded weights are not saved"]),
+    ("fsdp-qlora-uint8-storage", lambda e: ["training.distributed=fsdp", "training.processes=2", "--methods", "qlora"],
+     ["fsdp with qlora: set quant.bnb_4bit_quant_storage=bfloat16"]),
+    ("micro-batch-times-processes", lambda e: ["training.distributed=ddp", "training.processes=3",
+                                               "methods.full.micro_batch_size=2", "--methods", "full"],
+     ["micro_batch_size=2 x 3 processes must divide the effective batch"]),
     ("remote-code-without-flag", lambda e: ["--model", _model_with(e, lambda c: c.update(
         auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"}))],
      ["config.json", "auto_map", "--trust-remote-code"]),
@@ -229,7 +240,8 @@ def test_report_of_a_truncated_record_names_the_file(tmp_path):
     (run_dir / "arms").mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({
         "run_id": "rid", "methods": [], "suite": {"name": "s", "tasks": [{"task": "arc_easy", "metric": "acc"}]},
-        "task": {"name": "finance", "in_domain": [], "training": {"seed": 0}}}))
+        "task": {"name": "finance", "in_domain": [], "training": {"seed": 0}},
+        "profile": {"name": "quick"}, "model": {"name": "m"}, "environment": {}}))
     (run_dir / "arms" / "base.json").write_text('{"arm": "base", "results": {"arc_e')
     result = CliRunner().invoke(cli, ["report", str(run_dir)])
     assert result.exit_code == 2, result.output
@@ -244,7 +256,10 @@ def _recorded_run(tmp_path, spec_extra: dict) -> Path:
     spec = {"task": "finance", "model": "m", "methods": ["full"], "profile": "quick", "mirror": None, "overrides": [],
             "device": "cpu", "trust_remote_code": False, "allow_pickle": False, "include_path": [],
             "work_dir": str(tmp_path / "w"), "suites": []} | spec_extra
-    (run_dir / "config.json").write_text(json.dumps({"spec": spec, "arms": {"full": {"method": "full", "overrides": []}}}))
+    (run_dir / "config.json").write_text(json.dumps({
+        "spec": spec, "arms": {"full": {"method": "full", "overrides": []}}, "run_id": "rid", "methods": ["full"],
+        "task": {"name": "finance", "in_domain": []}, "suite": {"name": "s", "tasks": []}, "profile": {"name": "quick"},
+        "model": {"name": "m"}, "environment": {}, "schema_version": 2, "evaluation": {"entries": []}}))
     return run_dir
 
 

@@ -61,7 +61,7 @@ def test_model_hash_follows_content_not_path(tmp_path, tiny_model):
 
 def test_ifeval_entries_from_before_seeded_checks_are_not_reused():
     from harness.evaluate import TaskRun
-    from harness.pipeline import _run_extra
+    from harness.references import run_extra as _run_extra
 
     assert _run_extra(TaskRun("ifeval", chat_template=True, max_gen_toks=256)) == {
         "chat_template": True, "max_gen_toks": 256, "checks": "seeded"}

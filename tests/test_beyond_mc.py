@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from harness import drift, evaluate, models, stats
+from harness import context, drift, evaluate, models, stats
 from harness.cli import cli
 from conftest import WORDS, write_jsonl
 
@@ -49,9 +49,8 @@ def extra(tmp_path_factory, mirror):
     (d / "tiny_qa.yaml").write_text(yaml.safe_dump(QA_TASK))
     (d / "tiny_group.yaml").write_text(yaml.safe_dump(GROUP))
     (d / "tiny_qa_text.yaml").write_text(yaml.safe_dump(QA_TEXT))
-    evaluate.set_include_paths([str(d)])
-    yield d
-    evaluate.set_include_paths([])
+    with context.use(context.RunContext.checked(include_paths=[str(d)])):
+        yield d
 
 
 def test_group_expands_to_its_subtasks_with_lm_evals_weights(extra):
@@ -188,12 +187,9 @@ def test_label_word_target_is_accepted(tmp_path, mirror):
     cfg = yaml.safe_load((evaluate.TASKS_DIR / "finance" / "finance_tweets.yaml").read_text())
     cfg.update(task="finance_words", doc_to_target="{{['bearish', 'bullish', 'neutral'][label]}}")
     (d / "finance_words.yaml").write_text(yaml.safe_dump(cfg))
-    evaluate.set_include_paths([str(d)])
-    try:
+    with context.use(context.RunContext.checked(include_paths=[str(d)])):
         fmt, _ = formatter("finance_words", mirror=mirror)
         assert fmt({"text": "up up", "label": 1}) == ("Financial news: up up\nSentiment:", " bullish")
-    finally:
-        evaluate.set_include_paths([])
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import evaluate
+from harness import evaluate, lm_eval_patches
 from harness.config import HarnessError
 
 
@@ -32,7 +32,7 @@ def test_index_of_only_the_needed_tasks_loads_them_as_the_whole_registry(monkeyp
     from lm_eval.tasks import TaskManager
 
     monkeypatch.setattr(evaluate, "_NEEDED", frozenset())
-    evaluate.task_manager.cache_clear()
+    evaluate._task_manager.cache_clear()
     evaluate.need_tasks(["arc_easy", "boolq", "finance_tweets"])
     small = evaluate.task_manager().task_index
     assert {"arc_easy", "arc_challenge", "boolq", "finance_tweets", "finance_phrasebank"} <= set(small)
@@ -46,7 +46,7 @@ def test_index_of_only_the_needed_tasks_loads_them_as_the_whole_registry(monkeyp
     evaluate.need_tasks(["ai2_arc"])  # a tag over arc_easy and arc_challenge
     assert len(evaluate.task_manager().task_index) == len(whole)
     monkeypatch.setattr(evaluate, "_NEEDED", frozenset())
-    evaluate.task_manager.cache_clear()
+    evaluate._task_manager.cache_clear()
 
 
 def test_formatter_is_lm_evals_own_prompt(mirror):
@@ -81,17 +81,17 @@ def test_cached_templates_render_as_lm_eval_does_and_restore_it():
     doc = {"question": "Is it up?", "choices": ["yes", "no"]}
     template = "{{question}} {{choices | join(', ')}}"
     want = original(template, doc)
-    evaluate._compiled.cache_clear()
-    with evaluate.cached_templates():
+    lm_eval_patches._compiled.cache_clear()
+    with lm_eval_patches.cached_templates():
         assert lm_utils.apply_template is not original
-        with evaluate.cached_templates():  # a nested block leaves the outer one's in place
+        with lm_eval_patches.cached_templates():  # a nested block leaves the outer one's in place
             got = [lm_utils.apply_template(template, doc) for _ in range(3)]
         assert lm_utils.apply_template is not original
         with pytest.raises(jinja2.UndefinedError):  # lm-eval's StrictUndefined environment
             lm_utils.apply_template("{{missing}}", doc)
     assert lm_utils.apply_template is original
     assert got == [want] * 3
-    info = evaluate._compiled.cache_info()
+    info = lm_eval_patches._compiled.cache_info()
     assert info.misses == 2 and info.hits == 2  # compiled once per distinct template
 
 

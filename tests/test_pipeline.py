@@ -301,8 +301,8 @@ def test_a_jobs_error_comes_back_as_an_object(tmp_path):
     assert (tmp_path / "jobs" / "full.log").exists()
 
 
-def test_the_harness_import_graph_has_no_cycle():
-    """Every `harness.*` import, lazy ones inside functions included: no module reaches itself."""
+def _import_graph() -> dict[str, set[str]]:
+    """Every `harness.*` import of every module, lazy ones inside functions included."""
     import ast
 
     from harness.config import PROJECT_ROOT
@@ -319,9 +319,22 @@ def test_the_harness_import_graph_has_no_cycle():
             elif isinstance(node, ast.Import):
                 deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("harness.")}
         graph[name] = deps - {name}
+    return graph
+
+
+def test_the_harness_import_graph_has_no_cycle_and_no_upward_arrow():
+    """No module reaches itself; none imports from a higher layer (harness.LAYERS); every module has a layer."""
+    import harness
+
+    graph = _import_graph()
 
     def reaches(start, goal, seen):
         return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph.get(start, ()))
 
     assert not [m for m in graph if reaches(m, m, {m})]
+    level = {m: i for i, mods in enumerate(harness.LAYERS.values()) for m in mods}
+    assert set(graph) - {"__init__"} == set(level), "a module without a layer, or a layer naming no module"
+    upward = [f"{m} -> {d}" for m, deps in graph.items() for d in deps if m in level and level[d] > level[m]]
+    assert not upward
     assert "parallel" in graph["pipeline"] and "pipeline" not in graph["parallel"]
+    assert not graph["records"] & {"models", "evaluate", "train"}  # reading a report needs no backend

@@ -66,7 +66,8 @@ def test_plots_and_lm_eval_layout(run):
 def test_failed_arm_is_reported_not_dropped(run, tmp_path):
     run_dir = tmp_path / "t1"
     shutil.copytree(_run_dir(run), run_dir)
-    (run_dir / "arms/lora.json").write_text(json.dumps({"arm": "lora", "status": "failed",
+    (run_dir / "arms/lora.json").write_text(json.dumps({"arm": "lora", "status": "failed", "inputs": "x",
+                                                        "stage": "training", "error_type": "OutOfMemoryError",
                                                         "error": "torch.OutOfMemoryError: CUDA out of memory"}))
     result = CliRunner().invoke(cli, ["report", str(run_dir)])
     assert result.exit_code == 0, result.output
@@ -85,10 +86,12 @@ def test_report_without_provenance_or_resources(run, tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     config["model"].pop("content_sha256")
     config.pop("datasets")
+    config.pop("schema_version")  # records of that time had none: version 1, migrated on reading
     (run_dir / "config.json").write_text(json.dumps(config))
     for arm in ("base", "full"):
         rec = json.loads((run_dir / f"arms/{arm}.json").read_text())
         rec.pop("eval_resources", None)
+        rec.pop("schema_version")
         (run_dir / f"arms/{arm}.json").write_text(json.dumps(rec))
     result = CliRunner().invoke(cli, ["report", str(run_dir)])
     assert result.exit_code == 0, result.output

@@ -1,0 +1,137 @@
+"""One arm trained over several devices: HF Trainer under `accelerate launch`, one process a device.
+
+    training.distributed: ddp     every device a full copy; gradients all-reduced (LoRA, QLoRA, small full FT)
+    training.distributed: fsdp    weights, gradients and optimizer state sharded; a decoder layer is a unit
+
+The arm's job process tokenizes the examples once, writes them with the arm's settings to
+<arm dir>/distributed/job.pkl, and runs
+
+    python -m accelerate.commands.launch --multi_gpu --num_processes N -m harness.distributed job.pkl
+
+(on CPU, for the tests: `python -m torch.distributed.run --nproc_per_node N`, which is what accelerate runs on
+GPUs; accelerate itself starts several CPU processes only through MPI; Trainer then uses gloo).
+
+Every rank enters the run's context and calls `train.run` with the same examples: Trainer, through
+accelerate, gives each rank its share of every optimizer step's micro-batches from the one seeded
+order, and `train.run` divides the gradient accumulation by the world size, so each step sees the
+same examples as on one device (tests/test_distributed.py checks losses and weights against one
+process, with gloo on CPU). Rank 0 saves the arm and its stats; the job process loads it back to
+evaluate it, as it would after training on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import context
+from harness import train as training
+from harness.config import HarnessError, TaskConfig
+
+STATS = "stats.json"
+
+
+def processes(task: TaskConfig, device: str) -> int:
+    """How many processes the arm trains with; one line naming the setting where it cannot."""
+    t = task.training
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise HarnessError(f"training.distributed={t.distributed}: accelerate is not installed "
+                           "(pip install accelerate)") from None
+    if device == "cuda":
+        import torch
+
+        visible = torch.cuda.device_count()
+        n = t.processes or visible
+        if n > visible:
+            raise HarnessError(f"training.processes={n}: more processes than devices ({visible} GPUs visible)")
+        if n < 2:
+            raise HarnessError(f"training.distributed={t.distributed}: needs 2 or more devices, {visible} GPU visible; "
+                               "set training.distributed=none")
+        return n
+    if t.processes is None:
+        raise HarnessError(f"training.distributed={t.distributed}: on CPU, give training.processes (processes over gloo)")
+    return t.processes
+
+
+def check(task: TaskConfig, method: str, profile, device: str, *, where: str = "") -> None:
+    """Planning's check of an arm's training.distributed (before any weight loads)."""
+    t = task.training
+    if t.distributed == "none":
+        return
+    n = processes(task, device)
+    batch = profile.batch_size or t.batch_size
+    micro = min(task.methods[method].micro_batch_size, batch)
+    if batch % (micro * n):  # each optimizer step: micro x processes x accumulation = the effective batch
+        raise HarnessError(f"{where}methods.{method}.micro_batch_size={micro} x {n} processes must divide the "
+                           f"effective batch {batch}")
+    if t.distributed == "fsdp" and t.eval_at:
+        raise HarnessError(f"{where}training.eval_at: snapshots of FSDP-sharded weights are not saved; "
+                           "use training.distributed=ddp, or no eval_at")
+    if t.distributed == "fsdp" and method == "qlora" and task.quant.get("bnb_4bit_quant_storage") in (None, "uint8"):
+        # FSDP shards flat tensors of one dtype: the 4-bit weights must be stored as the compute dtype.
+        raise HarnessError(f"{where}training.distributed=fsdp with qlora: set quant.bnb_4bit_quant_storage=bfloat16 "
+                           "(FSDP cannot shard uint8-stored 4-bit weights beside bf16 ones)")
+
+
+def train(method: str, *, task: TaskConfig, profile, model_path: str, examples: list[dict], out_dir: Path,
+          device: str, log=print) -> dict:
+    """Train the arm in `n` processes; returns rank 0's training stats (the arm is saved as on one device)."""
+    n = processes(task, device)
+    work = out_dir / "distributed"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / STATS).unlink(missing_ok=True)
+    job = work / "job.pkl"
+    with open(job, "wb") as fh:
+        pickle.dump({"method": method, "task": task, "profile": profile, "model_path": model_path,
+                     "examples": examples, "out_dir": str(out_dir), "context": context.current()}, fh)
+    port = str(_free_port())
+    if device == "cuda":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+    else:  # accelerate launches several CPU processes only through MPI; torchrun is what it runs on GPUs
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--nnodes", "1",
+               "--master_addr", "127.0.0.1", "--master_port", port]
+    cmd += ["-m", "harness.distributed", str(job)]
+    log(f"{out_dir.name}: training over {n} {'processes (gloo)' if device == 'cpu' else 'GPUs'} "
+        f"({task.training.distributed}) through accelerate launch")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if device == "cpu":  # each rank its share of the cores, not all of them each
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // n))
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0 or not (work / STATS).exists():
+        raise HarnessError(f"{out_dir.name}: distributed training ({task.training.distributed}, {n} processes) "
+                           f"failed with exit code {rc}; its ranks' output is above")
+    stats = json.loads((work / STATS).read_text())
+    job.unlink()  # the examples: a copy of what the job holds
+    return stats
+
+
+def _free_port() -> int:
+    """A port for this launch's rendezvous: jobs of one run may train distributed arms at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(path: str) -> None:
+    """One rank of a launch (accelerate sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)."""
+    with open(path, "rb") as fh:
+        job = pickle.load(fh)
+    with context.use(job["context"]):
+        result = training.run(job["method"], task=job["task"], profile=job["profile"], model_path=job["model_path"],
+                           examples=job["examples"], out_dir=Path(job["out_dir"]))
+    if training.world()[0] == 0:
+        from harness.io import write_json
+
+        write_json(Path(path).parent / STATS, result.stats)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

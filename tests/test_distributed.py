@@ -1,0 +1,90 @@
+"""An arm over several devices (harness/distributed.py): two processes over gloo on CPU, as CI has no
+GPU, against the same arm trained in one process: same steps, losses and weights, for DDP (full
+fine-tuning and LoRA) and FSDP (full fine-tuning, weights gathered from the shards to save)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import distributed, models, train
+from harness.config import HarnessError, load_task
+
+# The tiny task's quick profile: 4 optimizer steps at batch 8, micro-batch 2 (4 micro-steps a step in one
+# process, 2 in each of two).
+COMMON = ["lora.lora_dropout=0.0", "methods.full.micro_batch_size=2", "methods.lora.micro_batch_size=2",
+          "training.logging_steps=1"]
+
+
+def _examples(task, tiny_model, mirror):
+    profile = task.profiles["quick"]
+    tok = models.load_tokenizer(str(tiny_model))
+    examples, _ = train.training_examples(task, profile, tok, mirror=mirror)
+    return profile, examples
+
+
+@pytest.mark.slow  # two spawned ranks, each importing torch and transformers
+@pytest.mark.parametrize("method,mode", [("full", "ddp"), ("lora", "ddp"), ("full", "fsdp")])
+def test_two_processes_train_as_one_process(tmp_path, tiny_model, tiny_task, mirror, method, mode):
+    one_task = load_task(str(tiny_task), COMMON)
+    profile, examples = _examples(one_task, tiny_model, mirror)
+    one = train.run(method, task=one_task, profile=profile, model_path=str(tiny_model), examples=examples,
+                    out_dir=tmp_path / "one")
+    ddp_task = load_task(str(tiny_task), [*COMMON, f"training.distributed={mode}", "training.processes=2"])
+    stats = distributed.train(method, task=ddp_task, profile=profile, model_path=str(tiny_model), examples=examples,
+                              out_dir=tmp_path / "ddp", device="cpu", log=lambda m: None)
+    assert stats["distributed"] == {"mode": mode, "processes": 2}
+    assert stats["steps"] == one.stats["steps"] == 4 and stats["batch_size"] == one.stats["batch_size"]
+    # Each step's loss is the mean over the same examples (all ranks' tokens), reduced in another order.
+    assert [h["loss"] for h in stats["loss_history"]] == pytest.approx(
+        [h["loss"] for h in one.stats["loss_history"]], rel=1e-4)
+    ddp = models.load_arm(method, str(tiny_model), tmp_path / "ddp" / ("model" if method == "full" else "adapter"),
+                          quant={})
+    a, b = one.model.state_dict(), ddp.state_dict()
+    keys = [k for k in a if (method == "full" or "lora_" in k)]
+    assert keys and set(keys) <= set(b)
+    base = models.load_base(str(tiny_model)).state_dict()
+    for k in keys:  # fp32 sums in another order (FSDP: sharded, gathered whole to save); rounding level
+        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    # ...and the weights did train (a rank that skipped its share would still load the base's).
+    trained = [k for k in keys if k.replace("base_model.model.", "") in base]
+    assert method != "full" or any(not torch.equal(b[k], base[k]) for k in trained)
+    assert (tmp_path / "ddp" / "distributed" / "stats.json").exists()
+
+
+def test_bad_distributed_settings_are_one_line(tiny_task):
+    with pytest.raises(HarnessError, match="training.processes: at least 2 for training.distributed, got 1"):
+        load_task(str(tiny_task), ["training.distributed=ddp", "training.processes=1"])
+    with pytest.raises(HarnessError, match=r"distributed: 'dp' is not one of \('none', 'ddp', 'fsdp'\)"):
+        load_task(str(tiny_task), ["training.distributed=dp"])
+    task = load_task(str(tiny_task), ["training.distributed=ddp"])
+    with pytest.raises(HarnessError, match="on CPU, give training.processes"):
+        distributed.processes(task, "cpu")
+
+
+def test_more_processes_than_gpus_is_refused(tiny_task, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    task = load_task(str(tiny_task), ["training.distributed=fsdp", "training.processes=4"])
+    with pytest.raises(HarnessError, match=r"training.processes=4: more processes than devices \(2 GPUs visible\)"):
+        distributed.processes(task, "cuda")
+    assert distributed.processes(load_task(str(tiny_task), ["training.distributed=ddp"]), "cuda") == 2
+
+
+@pytest.mark.slow
+def test_a_compare_trains_an_arm_over_two_processes_and_evaluates_it(tmp_path, tiny_model, tiny_task, mirror):
+    """Through the pipeline: the arm's job launches the ranks, then loads the saved adapter and evaluates it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    args = ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", "lora", "--profile", "quick",
+            "--mirror", str(mirror), "--run-id", "ddp", "--results-dir", str(tmp_path / "r"), "--work-dir",
+            str(tmp_path / "w"), "--jobs", "1", *COMMON, "training.distributed=ddp", "training.processes=2"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    arm = json.loads((tmp_path / "r" / "finance" / "ddp" / "arms" / "lora.json").read_text())
+    assert arm["train"]["distributed"] == {"mode": "ddp", "processes": 2} and arm["train"]["steps"] == 4
+    assert arm["results"] and arm["n"]
+    assert "| lora |" in (tmp_path / "r" / "finance" / "ddp" / "report.md").read_text()
