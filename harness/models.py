@@ -76,7 +76,50 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+# LlamaConfig kwargs, from the models' published config.json files.
+ARCH_PRESETS = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+    # Llama 3.2 1B and Llama 3.1 8B (rope scaling left out: it changes no memory or speed figure).
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                         rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                         rope_theta=500000.0),
+    "tiny-llama": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=2048, max_position_embeddings=512),  # ~3 MB, for tests
+}
+RANDOM_PREFIX = "random:"
+
+
+def arch_config(arch: str, *, flag: str):
+    """A transformers config from a preset name (ARCH_PRESETS) or a config.json path (or its directory)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if arch in ARCH_PRESETS:
+        return LlamaConfig(**ARCH_PRESETS[arch]), arch
+    path = Path(arch).expanduser()
+    if not (arch.endswith(".json") or os.sep in arch or path.exists()):
+        raise HarnessError(f"{flag} {arch}: unknown preset; valid: {', '.join(ARCH_PRESETS)} (or a path to a config.json)")
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise HarnessError(f"{flag} {arch}: config.json not found at {path}")
+    try:
+        return AutoConfig.for_model(**json.loads(path.read_text())), str(path)
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, or no or unknown model_type
+        raise HarnessError(f"{flag} {arch}: not a transformers config ({type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0]})") from None
+
+
 def resolve_model(name: str) -> ResolvedModel:
+    if name.startswith(RANDOM_PREFIX):
+        return _random(name, name[len(RANDOM_PREFIX):])
     path = Path(name).expanduser()
     if path.is_dir():
         if not _is_hf_dir(path):
@@ -97,6 +140,40 @@ def resolve_model(name: str) -> ResolvedModel:
         raise HarnessError(f"--model {name}: not a local directory and the hub is unreachable")
     known = ", ".join(ALIASES)
     raise HarnessError(f"--model {name}: not a local directory, hub id (owner/name) or alias ({known})")
+
+
+def _random(name: str, arch: str) -> ResolvedModel:
+    """An architecture with random weights (seed 0), saved once in the cache with the default model's
+    tokenizer: what memory and speed are measured on at scales nothing here can download. Its scores
+    mean nothing, and the report says so (source "random")."""
+    import hashlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config, label = arch_config(arch, flag="--model random:")
+    digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / "random" / f"{Path(label).stem if label.endswith('.json') else label}-{digest}"
+    detail = (f"RANDOM WEIGHTS (seed 0) of {label}: speed and memory only, scores meaningless; "
+              f"tokenizer of {DEFAULT_MODEL}")
+    if _is_hf_dir(out):
+        return ResolvedModel(name, str(out), "random", detail)
+    tok = load_tokenizer(resolve_model(DEFAULT_MODEL).path)
+    if len(tok) > config.vocab_size:
+        raise HarnessError(f"--model {name}: vocab_size {config.vocab_size} is smaller than the tokenizer's "
+                           f"{len(tok)} tokens ({DEFAULT_MODEL})")
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    print(f"[harness] building {label} with random weights in {out} (once)", file=sys.stderr, flush=True)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialised where it is fastest, in bf16
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "harness_source.json").write_text(json.dumps({"source": "random", "arch": label, "detail": detail}, indent=2))
+    del model
+    os.replace(tmp, out)
+    return ResolvedModel(name, str(out), "random", detail)
 
 
 def _from_hub(name: str, hub_id: str) -> ResolvedModel:

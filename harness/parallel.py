@@ -39,6 +39,27 @@ def job_memory(kind: str, n_params: int) -> int:
     return max(evaluation, training)
 
 
+def check_fits(needs: dict[str, float], totals: list[float], *, n_params: int) -> None:
+    """Refuse, before anything starts, a job whose `job_memory` estimate exceeds every GPU's whole memory:
+    the estimate's weights, gradients and optimizer states alone would not fit, whatever else runs."""
+    if not totals:
+        return
+    largest = max(totals)
+    for name, need in needs.items():
+        if need > largest:
+            raise HarnessError(
+                f"{name}: needs about {need / GiB:.0f} GiB of GPU memory by the harness's estimate "
+                f"({n_params / 1e9:.2f} B parameters), more than the largest GPU here ({largest / GiB:.0f} GiB); "
+                "use lora or qlora, training.distributed=fsdp over several GPUs, or a smaller model")
+
+
+def gpu_totals() -> list[float]:
+    """Each visible GPU's whole memory, in bytes."""
+    import torch
+
+    return [float(torch.cuda.mem_get_info(i)[1]) for i in range(torch.cuda.device_count())]
+
+
 def parse_jobs(requested: str | int) -> int | None:
     """--jobs as a number, None for auto; one clear error otherwise."""
     if str(requested) == "auto":

@@ -240,6 +240,12 @@ def prepare(spec: CompareSpec, arms: list[Arm], *, child: bool = False, only: tu
     for arm in mine:  # training.distributed: accelerate, processes against devices, what FSDP can shard
         distributed.check(p.arm_tasks[arm.name], arm.method, p.profile, models.device_kind(),
                           where="" if arm.name == arm.method else f"arm {arm.name}: ")
+    if models.device_kind() == "cuda":  # an arm or reference no GPU here can hold: refused now, with the figure
+        needs = {a.name: parallel.job_memory(a.method, n_params) / _shards(p.arm_tasks[a.name], a.method)
+                 for a in mine}
+        if not child:
+            needs["base"] = parallel.job_memory("eval", n_params)
+        parallel.check_fits(needs, parallel.gpu_totals(), n_params=n_params)
     _check_disk(n_params, mine, p.work_dir, snapshots={
         a.name: len(points.snapshot_steps(p.arm_tasks[a.name].training.eval_at, 1 << 30)) for a in mine})
     _check_saved(mine, p.work_dir)
@@ -264,6 +270,13 @@ def prepare(spec: CompareSpec, arms: list[Arm], *, child: bool = False, only: tu
     run = Run(spec, arms, p, resolved, n_params, runs, eval_kw, ppl_kw, common, point_list, record)
     run.save()
     return run
+
+
+def _shards(task: TaskConfig, method: str) -> int:
+    """Over how many GPUs an arm's training state is spread (training.distributed=fsdp), for the fit check."""
+    if task.training.distributed != "fsdp":
+        return 1
+    return distributed.processes(task, "cuda")
 
 
 def _run_record(spec: CompareSpec, arms: list[Arm], p: Plan, resolved, runs, has_chat: bool,

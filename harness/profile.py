@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import tempfile
 import time
@@ -25,18 +24,7 @@ from harness import models, resources
 from harness.config import METHODS, HarnessError, TaskConfig
 from harness.io import write_json, write_text
 
-# LlamaConfig kwargs, from the models' published config.json files.
-PRESETS = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
-                         tie_word_embeddings=True),
-    "tiny-llama": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=2048, max_position_embeddings=512),  # ~3 MB, for tests
-}
+PRESETS = models.ARCH_PRESETS  # LlamaConfig kwargs of published architectures (harness/models.py)
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 PRECISIONS = ("bf16", "fp32-master")
 LORA_DROPOUT = 0.05  # the harness's default (config.TaskConfig.lora)
@@ -114,21 +102,7 @@ def run(*, arch: str, methods: list[str], batch: int, seq: int, rank: int, targe
 
 
 def _config(arch: str):
-    from transformers import AutoConfig, LlamaConfig
-
-    if arch in PRESETS:
-        return LlamaConfig(**PRESETS[arch]), arch
-    path = Path(arch).expanduser()
-    if not (arch.endswith(".json") or os.sep in arch or path.exists()):
-        raise HarnessError(f"--arch {arch}: unknown preset; valid: {', '.join(PRESETS)} (or a path to a config.json)")
-    path = path / "config.json" if path.is_dir() else path
-    if not path.is_file():
-        raise HarnessError(f"--arch {arch}: config.json not found at {path}")
-    try:
-        return AutoConfig.for_model(**json.loads(path.read_text())), str(path)
-    except (ValueError, KeyError, TypeError) as e:  # bad JSON, or no or unknown model_type
-        raise HarnessError(f"--arch {arch}: not a transformers config ({type(e).__name__}: "
-                           f"{(str(e).splitlines() or [''])[0]})") from None
+    return models.arch_config(arch, flag="--arch")
 
 
 def _check(methods, *, batch, seq, rank, targets, steps, optimizer, precision, config) -> list[str]:

@@ -245,18 +245,18 @@ def _compare(base: dict, arm: dict, entries: list[dict], measurable: dict, seed:
 
     comp = {"tasks": {}}
     pairs: dict[str, dict[str, tuple]] = {}
-    for task, records in arm["samples"].items():
+    for task, docs in arm["samples"].items():
         if task not in base["samples"]:
             continue
         comp["tasks"][task] = {}
         pairs[task] = {}
-        for metric in _metric_keys(records):
+        for metric in _metric_keys(docs):
             if metric not in (base["samples"][task][:1] or [{}])[0]:
                 continue
-            b, a = stats.align(base["samples"][task], records, metric=metric)
+            b, a = stats.align(base["samples"][task], docs, metric=metric)
             w = None
-            if f"{metric}:w" in records[0]:
-                _, w = stats.align(base["samples"][task], records, metric=f"{metric}:w")
+            if f"{metric}:w" in docs[0]:
+                _, w = stats.align(base["samples"][task], docs, metric=f"{metric}:w")
             if not b.size:
                 continue
             if not (np.isfinite(b).all() and np.isfinite(a).all()):  # a diverged model (nan loss) scores nan
@@ -679,6 +679,11 @@ def _document(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
     td = config["train_data"] or {}
     env = config["environment"]
     notes = []
+    if config["model"].get("source") == "random":  # --model random:<arch> (harness/models.py)
+        notes.append(("p", "**Random weights: speed and memory only, scores meaningless.** The model is an "
+                      "architecture initialised at random (no weights can be downloaded here); every accuracy "
+                      "below sits at chance, and forgetting cannot be read from them. The training, memory, "
+                      "time and storage figures are the architecture's."))
     if metrics["failed_arms"]:
         notes.append(("p", "**Failed arms:** " + "; ".join(f"{a}: `{_first_line(e)}`" for a, e in
                                                            metrics["failed_arms"].items())
