@@ -48,8 +48,9 @@ def run_arm(run: Run, arm: Arm) -> None:
             examples, data = training_data(run, arm)
             model, trained = _train(run, arm, examples, arm_dir, inputs, replayed=data.get("replay"))
         stage = "evaluating"
-        if not arm_done:
-            scoring.evaluate_and_record(run, arm.name, model, inputs, trained)
+        if not arm_done:  # (over several processes, each loads the saved arm: profiles.*.eval_processes)
+            scoring.evaluate_and_record(run, arm.name, model, inputs, trained, load={
+                "method": arm.method, "path": run.resolved.path, "saved": trained["saved"]["path"], "quant": quant})
         for pt in todo_points:
             name = pt.name
             if pt.kind == "at":

@@ -156,6 +156,10 @@ class Profile:
         "lm-eval model class: harness (shared-prefix scoring of multiple-choice tasks, same results), hf "
         "(lm-eval's stock HFLM, to verify), or auto: harness (measured faster on the H200 and on 2 CPU cores)",
         default="auto")
+    eval_processes: int | None = _help(
+        "evaluate each model over this many processes, one model copy each, through lm-eval's own data-parallel "
+        "path (harness/distributed.py): on several GPUs, their number; the per-document results are the same. "
+        "null: one process", default=None)
     batch_size: int | None = _help("effective training batch for this profile; null = training.batch_size", default=None)
     max_steps: int | None = _help("cap on optimizer steps; null = from epochs", default=None)
     perplexity_limit: int | None = _help("documents of the suite's perplexity task; null = all", default=None)
@@ -172,7 +176,7 @@ class Profile:
 
     def __post_init__(self):
         for name in ("train_examples", "limit", "max_steps", "batch_size", "perplexity_limit", "generate_limit",
-                     "max_gen_toks", "kl_documents"):
+                     "max_gen_toks", "kl_documents", "eval_processes"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise HarnessError(f"profiles.*.{name}: must be a positive number or null, got {v}")

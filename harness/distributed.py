@@ -21,7 +21,6 @@ evaluate it, as it would after training on one device.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import socket
@@ -33,7 +32,6 @@ from harness import context
 from harness import train as training
 from harness.config import HarnessError, TaskConfig
 
-STATS = "stats.json"
 
 
 def processes(task: TaskConfig, device: str) -> int:
@@ -60,6 +58,18 @@ def processes(task: TaskConfig, device: str) -> int:
     return t.processes
 
 
+def eval_processes(profile, device: str) -> int:
+    """Processes each model is evaluated over (profiles.*.eval_processes); checked in planning."""
+    n = profile.eval_processes or 1
+    if n > 1 and device == "cuda":
+        import torch
+
+        if n > torch.cuda.device_count():
+            raise HarnessError(f"profiles.*.eval_processes={n}: more processes than devices "
+                               f"({torch.cuda.device_count()} GPUs visible)")
+    return n
+
+
 def check(task: TaskConfig, method: str, profile, device: str, *, where: str = "") -> None:
     """Planning's check of an arm's training.distributed (before any weight loads)."""
     t = task.training
@@ -84,13 +94,29 @@ def train(method: str, *, task: TaskConfig, profile, model_path: str, examples: 
           device: str, log=print) -> dict:
     """Train the arm in `n` processes; returns rank 0's training stats (the arm is saved as on one device)."""
     n = processes(task, device)
-    work = out_dir / "distributed"
+    log(f"{out_dir.name}: training over {n} {'processes (gloo)' if device == 'cpu' else 'GPUs'} "
+        f"({task.training.distributed}) through accelerate launch")
+    return _launch("train", {"method": method, "task": task, "profile": profile, "model_path": model_path,
+                             "examples": examples, "out_dir": str(out_dir)}, out_dir / "distributed", n, device,
+                   what=f"{out_dir.name}: distributed training ({task.training.distributed}, {n} processes)")
+
+
+def evaluate(load: dict, tasks: list, *, n: int, device: str, work: Path, **kw) -> dict:
+    """lm-eval over `n` processes, each holding the model `load` describes (models.load_base or
+    load_arm keyword arguments): lm-eval's data-parallel path gives each its share of the documents
+    and gathers them; returns what evaluate.evaluate returns in one process."""
+    return _launch("evaluate", {"load": load, "tasks": tasks, "kw": kw}, work, n, device,
+                   what=f"data-parallel evaluation ({n} processes)")
+
+
+def _launch(kind: str, job: dict, work: Path, n: int, device: str, *, what: str):
+    """Run `python -m harness.distributed` in `n` processes on `job`; rank 0's result back."""
     work.mkdir(parents=True, exist_ok=True)
-    (work / STATS).unlink(missing_ok=True)
-    job = work / "job.pkl"
-    with open(job, "wb") as fh:
-        pickle.dump({"method": method, "task": task, "profile": profile, "model_path": model_path,
-                     "examples": examples, "out_dir": str(out_dir), "context": context.current()}, fh)
+    out = work / f"{kind}.out.pkl"
+    out.unlink(missing_ok=True)
+    path = work / f"{kind}.job.pkl"
+    with open(path, "wb") as fh:
+        pickle.dump({"kind": kind, **job, "context": context.current()}, fh)
     port = str(_free_port())
     if device == "cuda":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
@@ -98,19 +124,17 @@ def train(method: str, *, task: TaskConfig, profile, model_path: str, examples: 
     else:  # accelerate launches several CPU processes only through MPI; torchrun is what it runs on GPUs
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--nnodes", "1",
                "--master_addr", "127.0.0.1", "--master_port", port]
-    cmd += ["-m", "harness.distributed", str(job)]
-    log(f"{out_dir.name}: training over {n} {'processes (gloo)' if device == 'cpu' else 'GPUs'} "
-        f"({task.training.distributed}) through accelerate launch")
+    cmd += ["-m", "harness.distributed", str(path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if device == "cpu":  # each rank its share of the cores, not all of them each
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // n))
     rc = subprocess.run(cmd, env=env).returncode
-    if rc != 0 or not (work / STATS).exists():
-        raise HarnessError(f"{out_dir.name}: distributed training ({task.training.distributed}, {n} processes) "
-                           f"failed with exit code {rc}; its ranks' output is above")
-    stats = json.loads((work / STATS).read_text())
-    job.unlink()  # the examples: a copy of what the job holds
-    return stats
+    if rc != 0 or not out.exists():
+        raise HarnessError(f"{what} failed with exit code {rc}; its ranks' output is above")
+    with open(out, "rb") as fh:
+        result = pickle.load(fh)
+    path.unlink()  # the examples or settings: a copy of what the caller holds
+    return result
 
 
 def _free_port() -> int:
@@ -121,16 +145,27 @@ def _free_port() -> int:
 
 
 def main(path: str) -> None:
-    """One rank of a launch (accelerate sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)."""
+    """One rank of a launch (accelerate or torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)."""
     with open(path, "rb") as fh:
         job = pickle.load(fh)
     with context.use(job["context"]):
-        result = training.run(job["method"], task=job["task"], profile=job["profile"], model_path=job["model_path"],
-                           examples=job["examples"], out_dir=Path(job["out_dir"]))
-    if training.world()[0] == 0:
-        from harness.io import write_json
+        if job["kind"] == "train":
+            result = training.run(job["method"], task=job["task"], profile=job["profile"],
+                                  model_path=job["model_path"], examples=job["examples"],
+                                  out_dir=Path(job["out_dir"])).stats
+        else:
+            from harness import evaluate as evaluation
+            from harness import models
 
-        write_json(Path(path).parent / STATS, result.stats)
+            load = dict(job["load"])
+            saved = load.pop("saved", None)
+            model = (models.load_arm(load.pop("method"), load.pop("path"), Path(saved), **load) if saved
+                     else models.load_base(load.pop("path"), **load))
+            tokenizer = models.load_tokenizer(job["load"]["path"])
+            result = evaluation.evaluate(model, tokenizer, job["tasks"], **job["kw"])
+    if training.world()[0] == 0:
+        with open(Path(path).with_name(f"{job['kind']}.out.pkl"), "wb") as fh:
+            pickle.dump(result, fh)
 
 
 if __name__ == "__main__":

@@ -440,7 +440,29 @@ def formatter(name: str, *, mirror: Path | None):
 
 
 def make_lm(model, tokenizer, *, batch_size: int, backend: str = "auto"):
-    """The lm-eval model object: harness.fastlm.HarnessLM, or lm-eval's stock HFLM ("hf")."""
+    """The lm-eval model object: harness.fastlm.HarnessLM, or lm-eval's stock HFLM ("hf"); inside a
+    distributed launch, set up for lm-eval's own data parallelism (`_data_parallel`)."""
+    return _data_parallel(_make_lm(model, tokenizer, batch_size=batch_size, backend=backend))
+
+
+def _data_parallel(lm):
+    """Under a launch of several processes (harness/distributed.py), each holding the model: lm-eval's
+    data-parallel path, as `accelerate launch -m lm_eval --model hf` sets it up. HFLM skips that setup
+    for a model passed in as an object; these are the attributes its own path sets (rank, world size,
+    the accelerator it gathers through). lm-eval then gives each rank every world-size-th document and
+    gathers the per-document results on rank 0."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from accelerate import Accelerator
+
+        lm.accelerator = Accelerator(cpu=lm.device.type == "cpu")  # gloo on CPU (the tests), NCCL on GPUs
+        lm._rank, lm._world_size = lm.accelerator.process_index, world
+    return lm
+
+
+def _make_lm(model, tokenizer, *, batch_size: int, backend: str = "auto"):
     from lm_eval.models.huggingface import HFLM
 
     on_gpu = next(model.parameters()).device.type == "cuda"
@@ -479,7 +501,9 @@ def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path
     `tasks` are TaskRun entries, or names (then `limit` and `num_fewshot` apply to all).
     Returns {"results": {task: {metric: value, metric_stderr: ...}}, "n": {task: docs},
     "samples": {task: [per-document records, one per document, every filter's metrics in it]},
-    "seconds": wall time}; with `raw`, also "raw": {task: {doc_id: [(loglik, is_greedy) per choice]}}."""
+    "seconds": wall time}; with `raw`, also "raw": {task: {doc_id: [(loglik, is_greedy) per choice]}}.
+    In a data-parallel launch (harness/distributed.py) every rank evaluates its share and rank 0
+    returns the whole; the other ranks return None."""
     from lm_eval import simple_evaluate
 
     runs = [t if isinstance(t, TaskRun) else TaskRun(t, num_fewshot=num_fewshot, limit=limit) for t in tasks]
@@ -504,6 +528,8 @@ def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path
                 task_manager=task_manager(),
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             )
+        if out is None:  # a rank other than 0 of a data-parallel launch: rank 0 has the results
+            continue
         for r, task in zip(group, objects, strict=True):
             metrics = out["results"][r.task]
             results[r.task] = {k.replace(",none", ""): _num(v) for k, v in metrics.items() if "," in k}
@@ -514,8 +540,12 @@ def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path
         if raw:
             raw_out.update(raw_responses(out))
     seconds = time.perf_counter() - start
+    if not results and runs:
+        return None
     order = [r.task for r in runs]
     extra = {"raw": raw_out} if raw else {}
+    if lm.world_size > 1:  # lm-eval sharded the documents over these processes
+        extra["processes"] = lm.world_size
     return {**extra,
         "results": {t: results[t] for t in order},
         "n": {t: n[t] for t in order},

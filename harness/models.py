@@ -332,7 +332,9 @@ def load_base(path: str, *, quant: dict | None = None, dtype=None):
     from transformers import AutoModelForCausalLM
 
     device = device_kind()
-    kw = {"dtype": dtype or train_dtype(), "device_map": {"": 0} if device == "cuda" else "cpu"}
+    # In a launch of several processes (harness/distributed.py) each holds its copy on its own GPU.
+    kw = {"dtype": dtype or train_dtype(), "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}
+          if device == "cuda" else "cpu"}
     if quant is not None:
         try:
             import bitsandbytes  # noqa: F401  (fail early with a clear message)

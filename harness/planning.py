@@ -237,6 +237,7 @@ def prepare(spec: CompareSpec, arms: list[Arm], *, child: bool = False, only: tu
         models.check_method_settings({arm.method}, resolved.path, lora=t.lora, quant=t.quant,
                                      lr_scheduler=t.training.lr_scheduler, mitigation=t.mitigation,
                                      where="" if arm.name == arm.method else f"arm {arm.name}: ")
+    distributed.eval_processes(p.profile, models.device_kind())
     for arm in mine:  # training.distributed: accelerate, processes against devices, what FSDP can shard
         distributed.check(p.arm_tasks[arm.name], arm.method, p.profile, models.device_kind(),
                           where="" if arm.name == arm.method else f"arm {arm.name}: ")
@@ -329,8 +330,9 @@ def _keep_train_data(path: Path, record: records.RunRecord) -> None:
 
 
 def _profile_key(profile) -> dict:
-    """The profile as it enters an arm's input hash (without the evaluation backend, see `common`)."""
-    return {k: v for k, v in to_dict(profile).items() if k != "eval_backend"}
+    """The profile as it enters an arm's input hash: without how it is evaluated (backend, processes),
+    which gives the same per-document results (see `common`)."""
+    return {k: v for k, v in to_dict(profile).items() if k not in ("eval_backend", "eval_processes")}
 
 
 def _arm_settings(arm: Arm, arm_task: TaskConfig) -> dict:

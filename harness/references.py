@@ -56,7 +56,8 @@ def evaluate_reference(run: Run, ref: Reference) -> None:
     if missing or want_ppl or want_kl:
         model = models.load_base(run.resolved.path, quant=quant)
         if missing or want_ppl:
-            ev, ppl, used = scoring.evaluate_model(run, name, model, missing, want_ppl)
+            ev, ppl, used = scoring.evaluate_model(run, name, model, missing, want_ppl,
+                                                   load={"path": run.resolved.path, "quant": quant})
         kl = scoring.kl_to_base(run, name, model) if want_kl else None
         del model
         gc.collect()

@@ -11,14 +11,18 @@ import gc
 import time
 from pathlib import Path
 
-from harness import drift, evaluate, models, records, resources
+from harness import distributed, drift, evaluate, models, records, resources
 from harness.io import log, stop_point, write_samples
 from harness.planning import Run
 
 
-def evaluate_model(run: Run, name: str, model, tasks: list[str], with_ppl: bool) -> tuple[dict | None, dict | None, dict]:
+def evaluate_model(run: Run, name: str, model, tasks: list[str], with_ppl: bool,
+                   load: dict | None = None) -> tuple[dict | None, dict | None, dict]:
     """lm-eval on `tasks` (one evaluator call) and, if asked, the perplexity task; and what the whole
-    evaluation cost (resources.measure: time, peak RSS / GPU memory, model footprint)."""
+    evaluation cost (resources.measure: time, peak RSS / GPU memory, model footprint). With
+    profiles.*.eval_processes > 1 and a model that can be loaded again (`load`: models.load_base or
+    load_arm arguments), the tasks are scored over that many processes (harness/distributed.py);
+    the memory figures are then this process's, not the ranks'."""
     tokenizer = models.load_tokenizer(run.resolved.path)
     suite = run.plan.suite
     ev = ppl = None
@@ -26,7 +30,12 @@ def evaluate_model(run: Run, name: str, model, tasks: list[str], with_ppl: bool)
         if tasks:
             log(f"{name}: evaluating {len(tasks)} tasks")
             run_of = run.run_of
-            ev = evaluate.evaluate(model, tokenizer, [run_of[t] for t in tasks], **run.eval_kw)
+            n = run.plan.profile.eval_processes or 1
+            if n > 1 and load is not None:
+                ev = distributed.evaluate(load, [run_of[t] for t in tasks], n=n, device=models.device_kind(),
+                                          work=run.plan.work_dir / "eval" / name, **run.eval_kw)
+            else:
+                ev = evaluate.evaluate(model, tokenizer, [run_of[t] for t in tasks], **run.eval_kw)
             log(f"{name}: evaluated in {ev['seconds']:.0f}s")
             stop_point(f"evaluating:{name}")
         if with_ppl:
@@ -67,9 +76,9 @@ def kl_to_base(run: Run, name: str, model) -> dict | None:
 
 
 def evaluate_and_record(run: Run, name: str, model, inputs: str, train_stats: dict | None,
-                        point: dict | None = None) -> None:
+                        point: dict | None = None, load: dict | None = None) -> None:
     """Every measurement of a trained model (or a point of one), then its record."""
-    ev, ppl, used = evaluate_model(run, name, model, run.eval_tasks, run.ppl_kw is not None)
+    ev, ppl, used = evaluate_model(run, name, model, run.eval_tasks, run.ppl_kw is not None, load=load)
     kl = kl_to_base(run, name, model)
     record(run.run_dir, name, inputs, ev, train_stats=train_stats, perplexity=ppl, eval_resources=used, kl=kl,
            point=point)

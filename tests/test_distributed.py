@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import distributed, models, train
+from harness import distributed, evaluate, models, train
 from harness.config import HarnessError, load_task
 
 # The tiny task's quick profile: 4 optimizer steps at batch 8, micro-batch 2 (4 micro-steps a step in one
@@ -49,7 +49,6 @@ def test_two_processes_train_as_one_process(tmp_path, tiny_model, tiny_task, mir
     # ...and the weights did train (a rank that skipped its share would still load the base's).
     trained = [k for k in keys if k.replace("base_model.model.", "") in base]
     assert method != "full" or any(not torch.equal(b[k], base[k]) for k in trained)
-    assert (tmp_path / "ddp" / "distributed" / "stats.json").exists()
 
 
 def test_bad_distributed_settings_are_one_line(tiny_task):
@@ -88,3 +87,54 @@ def test_a_compare_trains_an_arm_over_two_processes_and_evaluates_it(tmp_path, t
     assert arm["train"]["distributed"] == {"mode": "ddp", "processes": 2} and arm["train"]["steps"] == 4
     assert arm["results"] and arm["n"]
     assert "| lora |" in (tmp_path / "r" / "finance" / "ddp" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_data_parallel_evaluation_gives_the_one_process_documents(tmp_path, tiny_model, mirror):
+    """lm-eval's own data-parallel path over two processes: each rank scores every other document,
+    rank 0 gathers them; the per-document records and the aggregates are those of one process."""
+    runs = [evaluate.TaskRun("arc_easy", limit=12), evaluate.TaskRun("boolq", limit=12)]
+    kw = dict(mirror=mirror, batch_size=4, seed=0)
+    one = evaluate.evaluate(models.load_base(str(tiny_model)), models.load_tokenizer(str(tiny_model)), runs, **kw)
+    two = distributed.evaluate({"path": str(tiny_model)}, runs, n=2, device="cpu", work=tmp_path, **kw)
+    assert two["processes"] == 2 and "processes" not in one  # lm-eval sharded the documents over both ranks
+    assert two["n"] == one["n"] == {"arc_easy": 12, "boolq": 12}
+    for task in ("arc_easy", "boolq"):
+        by_doc = {r["doc_id"]: r for r in two["samples"][task]}
+        assert sorted(by_doc) == sorted(r["doc_id"] for r in one["samples"][task])
+        for rec in one["samples"][task]:
+            got = by_doc[rec["doc_id"]]
+            assert got.keys() == rec.keys()
+            for k, v in rec.items():  # the same choice, the same metric values (float sums: to rounding)
+                assert got[k] == (pytest.approx(v, rel=1e-5) if isinstance(v, float) else v), (task, rec["doc_id"], k)
+        assert two["results"][task]["acc"] == pytest.approx(one["results"][task]["acc"])
+
+
+@pytest.mark.slow
+def test_a_compare_evaluated_over_two_processes_records_the_same_documents(run, tmp_path, tiny_model, tiny_task,
+                                                                           mirror):
+    """profiles.*.eval_processes=2: the base and a trained arm are each scored by two ranks (each loads
+    the model: the base, or the saved adapter); their per-document records are the one-process run's."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    from harness.io import read_samples
+
+    args = ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", "lora", "--profile", "quick",
+            "--mirror", str(mirror), "--run-id", "dp", "--results-dir", str(tmp_path / "r"), "--work-dir",
+            str(tmp_path / "w"), "--refresh-baseline", "profiles.quick.eval_processes=2"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "w" / "finance" / "dp" / "eval" / "base" / "evaluate.out.pkl").exists()  # (the ranks' result)
+    assert (tmp_path / "w" / "finance" / "dp" / "eval" / "lora" / "evaluate.out.pkl").exists()
+    for arm in ("base", "lora"):
+        mine = read_samples(tmp_path / "r" / "finance" / "dp" / "samples" / f"{arm}.csv")
+        theirs = read_samples(run[0] / "results" / "finance" / "t1" / "samples" / f"{arm}.csv")
+        assert mine.keys() == theirs.keys()
+        for task in theirs:
+            a = sorted(theirs[task], key=lambda r: (r["doc_id"], str(r)))
+            b = sorted(mine[task], key=lambda r: (r["doc_id"], str(r)))
+            assert len(a) == len(b)
+            for x, y in zip(a, b):
+                assert x.keys() == y.keys() and all(
+                    y[k] == (pytest.approx(v, rel=1e-5) if isinstance(v, float) else v) for k, v in x.items()), (arm, task)
