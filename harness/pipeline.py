@@ -62,6 +62,12 @@ def run_job(job: parallel.Job) -> str:
     return job.name
 
 
+def spans_devices(run: Run) -> bool:
+    """Some job of the run uses several devices itself (harness/distributed.py)."""
+    return ((run.plan.profile.eval_processes or 1) > 1
+            or any(t.training.distributed != "none" for t in run.plan.arm_tasks.values()))
+
+
 def _run_jobs(run: Run, names: list[str]) -> None:
     """What is left to compute, several at once where `--jobs` and the device allow (longest first);
     the rest (and everything, when one at a time) in this process, references first."""
@@ -72,6 +78,10 @@ def _run_jobs(run: Run, names: list[str]) -> None:
              + [parallel.job_memory("eval", run.n_params) for _ in pending_refs])
     device = models.device_kind()
     n = parallel.concurrency(run.spec.jobs, needs=needs, device=device)
+    if n > 1 and spans_devices(run):  # a job placed on one GPU would hide the others from its launch
+        log("jobs run one at a time: an arm trains or a model is evaluated over several devices "
+            "(training.distributed, profiles.*.eval_processes), each with every device")
+        n = 1
     in_jobs = []
     if n > 1 and len(needs) > 1:
         in_jobs = [a.name for a in pending] + [r.name for r in pending_refs]

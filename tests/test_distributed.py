@@ -138,3 +138,25 @@ def test_a_compare_evaluated_over_two_processes_records_the_same_documents(run, 
             for x, y in zip(a, b):
                 assert x.keys() == y.keys() and all(
                     y[k] == (pytest.approx(v, rel=1e-5) if isinstance(v, float) else v) for k, v in x.items()), (arm, task)
+
+
+def test_jobs_that_span_devices_run_one_at_a_time(monkeypatch, tmp_path, tiny_model, tiny_task, mirror):
+    """--jobs places each job on one GPU; a job that launches over every GPU must see them all, so a run
+    with such a job runs its jobs one after the other."""
+    from harness import parallel, pipeline
+    from harness.planning import Arm, CompareSpec, prepare
+
+    started, done = [], []
+    monkeypatch.setattr(parallel, "concurrency", lambda *a, **k: 2)
+    monkeypatch.setattr(parallel.Jobs, "start", lambda self: started.append(self.queue) or self)
+    monkeypatch.setattr(pipeline, "execute", lambda run, name: done.append(name))
+    spec = CompareSpec(task=str(tiny_task), model=str(tiny_model), methods=("full", "lora"), profile="quick",
+                       mirror=str(mirror), run_id="span", results_dir=tmp_path / "r", work_dir=tmp_path / "w",
+                       jobs="2", overrides=("training.distributed=ddp", "training.processes=2"))
+    arms = [Arm("full", "full"), Arm("lora", "lora")]
+    run = prepare(spec, arms)
+    assert pipeline.spans_devices(run)
+    pipeline._run_jobs(run, ["base", "full", "lora"])
+    assert started == [] and done == ["base", "full", "lora"]
+    plain = prepare(CompareSpec(**{**spec.__dict__, "overrides": ()}), arms)
+    assert not pipeline.spans_devices(plain)
