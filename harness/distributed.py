@@ -1,22 +1,24 @@
-"""One arm trained over several devices: HF Trainer under `accelerate launch`, one process a device.
+"""Work over several devices, one process a device, under `accelerate launch`: an arm's training
+(HF Trainer), or a model's evaluation (lm-eval's own data-parallel path).
 
     training.distributed: ddp     every device a full copy; gradients all-reduced (LoRA, QLoRA, small full FT)
     training.distributed: fsdp    weights, gradients and optimizer state sharded; a decoder layer is a unit
+    profiles.*.eval_processes: N  each rank scores every N-th document; rank 0 gathers them
 
-The arm's job process tokenizes the examples once, writes them with the arm's settings to
-<arm dir>/distributed/job.pkl, and runs
+The job's process writes what the ranks need (the tokenized examples and the arm's settings, or how
+to load the model and which tasks to score) to <work dir>/<kind>.job.pkl and runs
 
-    python -m accelerate.commands.launch --multi_gpu --num_processes N -m harness.distributed job.pkl
+    python -m accelerate.commands.launch --multi_gpu --num_processes N -m harness.distributed <kind>.job.pkl
 
 (on CPU, for the tests: `python -m torch.distributed.run --nproc_per_node N`, which is what accelerate runs on
-GPUs; accelerate itself starts several CPU processes only through MPI; Trainer then uses gloo).
+GPUs; accelerate itself starts several CPU processes only through MPI; gloo is the backend there).
 
-Every rank enters the run's context and calls `train.run` with the same examples: Trainer, through
-accelerate, gives each rank its share of every optimizer step's micro-batches from the one seeded
-order, and `train.run` divides the gradient accumulation by the world size, so each step sees the
-same examples as on one device (tests/test_distributed.py checks losses and weights against one
-process, with gloo on CPU). Rank 0 saves the arm and its stats; the job process loads it back to
-evaluate it, as it would after training on one device.
+Training: every rank enters the run's context and calls `train.run` with the same examples. Trainer,
+through accelerate, gives each rank its share of every optimizer step's micro-batches from the one
+seeded order, and `train.run` divides the gradient accumulation by the world size, so each step sees
+the same examples as on one device (tests/test_distributed.py checks losses and weights against one
+process). Rank 0 saves the arm; its stats come back in <kind>.out.pkl, and the job loads the arm to
+evaluate it, as after training on one device.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from pathlib import Path
 from harness import context
 from harness import train as training
 from harness.config import HarnessError, TaskConfig
-
 
 
 def processes(task: TaskConfig, device: str) -> int:
