@@ -140,7 +140,7 @@ def _train(run: Run, arm: Arm, examples: list, arm_dir: Path, inputs: str, repla
     if arm_task.training.distributed != "none":  # over several devices, in processes of their own
         s = distributed.train(arm.method, task=arm_task, device=models.device_kind(), log=log, **kw)
         model = models.load_arm(arm.method, run.resolved.path, Path(s["saved"]["path"]), quant=run.plan.task.quant)
-        return _trained(arm, arm_dir, inputs, model, {**s, "oom_retry": None, **({"replay": replayed} if replayed else {})})
+        return _record_trained(arm, arm_dir, inputs, model, s, retry=None, replayed=replayed)
     retry = None
     try:
         result = train.run(arm.method, task=arm_task, **kw)
@@ -157,12 +157,14 @@ def _train(run: Run, arm: Arm, examples: list, arm_dir: Path, inputs: str, repla
             "gradient accumulation (same effective batch)")
         shutil.rmtree(arm_dir / "trainer", ignore_errors=True)  # its checkpoints belong to the other micro-batch
         result = train.run(arm.method, task=arm_task, **kw)
-    return _trained(arm, arm_dir, inputs, result.model,
-                    {**result.stats, "oom_retry": retry, **({"replay": replayed} if replayed else {})})
+    return _record_trained(arm, arm_dir, inputs, result.model, result.stats, retry=retry, replayed=replayed)
 
 
-def _trained(arm: Arm, arm_dir: Path, inputs: str, model, s: dict):
-    """Record a trained and saved arm: its evaluation may now be redone without retraining."""
+def _record_trained(arm: Arm, arm_dir: Path, inputs: str, model, stats: dict, *, retry: dict | None,
+                    replayed: dict | None):
+    """Record a trained and saved arm (its stats, the out-of-memory retry, the replay mixed in): its
+    evaluation may now be redone without retraining."""
+    s = {**stats, "oom_retry": retry, **({"replay": replayed} if replayed else {})}
     records.write(arm_dir / "train.json", records.TrainRecord(inputs, s))
     stop_point(f"trained:{arm.name}")
     log(f"{arm.name}: {s['steps']} steps in {s['seconds']:.0f}s, loss {s['train_loss']:.4f}, "

@@ -63,6 +63,14 @@ class RunContext:
 _CURRENT: contextvars.ContextVar[RunContext] = contextvars.ContextVar("harness_run_context", default=RunContext())
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside a launch of several processes
+    (harness/distributed.py; accelerate or torchrun set RANK and WORLD_SIZE)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def current() -> RunContext:
     return _CURRENT.get()
 

@@ -164,7 +164,7 @@ def main(path: str) -> None:
                      else models.load_base(load.pop("path"), **load))
             tokenizer = models.load_tokenizer(job["load"]["path"])
             result = evaluation.evaluate(model, tokenizer, job["tasks"], **job["kw"])
-    if training.world()[0] == 0:
+    if context.world()[0] == 0:
         with open(Path(path).with_name(f"{job['kind']}.out.pkl"), "wb") as fh:
             pickle.dump(result, fh)
 

@@ -8,10 +8,11 @@ does not merge a dict with the registered YAML of the same name, so the whole co
 That uses lm_eval.tasks._yaml_loader.load_yaml (private): lm-eval's version range is kept narrow
 and tests/test_evaluate.py covers it.
 
-Two of lm-eval's own costs are removed (the patches, in harness/lm_eval_patches.py) without changing what it computes (measured on the general
+Two of lm-eval's own costs are removed without changing what it computes (measured on the general
 suite, 19,965 documents, with a model that answers instantly: 74 s of lm-eval's time -> 22 s on this
-2-core machine; scripts/bench_eval.py checks per-document agreement with stock lm-eval):
-- `cached_templates` (harness/lm_eval_patches.py): lm_eval.utils.apply_template compiles a task's Jinja template anew for every
+2-core machine; scripts/bench_eval.py checks per-document agreement with stock lm-eval); the patches
+themselves are in harness/lm_eval_patches.py:
+- `cached_templates`: lm_eval.utils.apply_template compiles a task's Jinja template anew for every
   document and field (~76,000 compilations for the suite, 70% of the time); inside the block each
   distinct template is compiled once, in lm-eval's own Environment, and rendered as before.
 - `eval_task`: a Task is built once per process and data version and its evaluation documents are
@@ -451,9 +452,7 @@ def _data_parallel(lm):
     for a model passed in as an object; these are the attributes its own path sets (rank, world size,
     the accelerator it gathers through). lm-eval then gives each rank every world-size-th document and
     gathers the per-document results on rank 0."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = context.world()[1]
     if world > 1:
         from accelerate import Accelerator
 

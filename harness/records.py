@@ -107,10 +107,7 @@ class TrainRecord:
 
 def write(path: Path, record) -> Path:
     """Atomically (harness.io). Optional fields left unset are not written, as before versioning."""
-    data = dataclasses.asdict(record)
-    for f in dataclasses.fields(record):
-        if f.default is None and data[f.name] is None and f.name in _OMIT_WHEN_NONE:
-            del data[f.name]
+    data = {k: v for k, v in dataclasses.asdict(record).items() if v is not None or k not in _OMIT_WHEN_NONE}
     return write_json(path, data)
 
 

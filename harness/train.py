@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import models, points, resources
+from harness import context, models, points, resources
 from harness.config import HarnessError, Method, Profile, TaskConfig
 from harness.data import load_split
 from harness.evaluate import formatter
@@ -63,11 +63,11 @@ def training_examples(task: TaskConfig, profile: Profile, tokenizer, *, mirror) 
     # Two batched calls (the Rust tokenizer's own loop), the same ids as one call per string.
     prompts = tokenizer([c for c, _ in texts], add_special_tokens=False)["input_ids"] if texts else []
     fulls = tokenizer([c + a for c, a in texts], add_special_tokens=False)["input_ids"] if texts else []
-    for (context, answer), prompt_ids, full_ids in zip(texts, prompts, fulls):
+    for (prompt, answer), prompt_ids, full_ids in zip(texts, prompts, fulls):
         n_prompt = len(prompt_ids)
         # The context's tokens are a prefix of the whole (checked): mask them, learn the answer.
         if full_ids[:n_prompt] != prompt_ids:
-            n_prompt = len(tokenizer(context.rstrip(), add_special_tokens=False)["input_ids"])
+            n_prompt = len(tokenizer(prompt.rstrip(), add_special_tokens=False)["input_ids"])
         if len(full_ids) > task.training.max_length:  # keep the answer, cut the start of the prompt
             cut = len(full_ids) - task.training.max_length
             full_ids, n_prompt, truncated = full_ids[cut:], max(n_prompt - cut, 0), truncated + 1
@@ -320,7 +320,7 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     t = task.training
     batch = profile.batch_size or t.batch_size
     micro = min(settings.micro_batch_size, batch)
-    rank, n_proc = world()  # under training.distributed (harness/distributed.py): each process one device
+    rank, n_proc = context.world()  # under training.distributed (harness/distributed.py): each process one device
     if batch % (micro * n_proc):
         raise HarnessError(f"methods.{method}.micro_batch_size={micro}" + (f" x {n_proc} processes" if n_proc > 1 else "")
                            + f" must divide the effective batch {batch}")
@@ -377,9 +377,7 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         data_collator = fixed_length(data_collator, length)
     snapshots = points.snapshot_steps(t.eval_at, max_steps)  # forgetting curves: weights part-way (harness/points.py)
     callbacks = [_checkpoint_callback()(t, max_steps, arm=out_dir.name)]
-    if snapshots and n_proc > 1 and t.distributed == "fsdp":
-        raise HarnessError("training.eval_at: snapshots of FSDP-sharded weights are not saved; use ddp, or no eval_at")
-    if snapshots and rank == 0:  # (under DDP every rank holds the same weights: one saves them)
+    if snapshots and rank == 0:  # (under DDP every rank holds the same weights: one saves them; FSDP: refused in planning)
         callbacks.append(_snapshot_callback()(snapshots, tokenizer, out_dir, record={
             "method": method, "base_model": model_path, "quant": task.quant if method == "qlora" else None}))
     trainer = _trainer_class()(model=model, args=args, train_dataset=examples, data_collator=data_collator,
@@ -449,30 +447,18 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     return TrainResult(model=model, stats=stats)
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) outside a distributed launch (harness/distributed.py)."""
-    import os
-
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _fsdp_args(model) -> dict:
     """TrainingArguments for FSDP: full sharding, each decoder layer its own unit. use_orig_params off
     and the 4-bit storage in the compute dtype are what FSDP needs to shard QLoRA's NF4 weights
     (Answer.AI's FSDP + QLoRA); rank 0 loads nothing extra (all ranks load the base from disk)."""
-    layer = type(_decoder_layers(model)[0]).__name__
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise HarnessError(f"training.distributed=fsdp: no repeated decoder layers found in {type(model).__name__}")
+    layer = type(blocks[0]).__name__
     return {"fsdp": "full_shard auto_wrap",
             "fsdp_config": {"transformer_layer_cls_to_wrap": [layer], "use_orig_params": False,
                             "sync_module_states": False, "state_dict_type": "FULL_STATE_DICT",
                             "limit_all_gathers": True}}
-
-
-def _decoder_layers(model):
-    """The model's repeated decoder blocks (model.model.layers for Llama-style models, under PEFT too)."""
-    for name, module in model.named_modules():
-        if name.endswith("layers") and hasattr(module, "__len__") and len(module):
-            return module
-    raise HarnessError(f"training.distributed=fsdp: no decoder layers found in {type(model).__name__}")
 
 
 def _checkpoint_callback():
