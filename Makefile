@@ -4,6 +4,7 @@
 # make test                   the test suite (what .ci/run runs)
 # make bench                  every scripts/bench_*.py (plain lm-eval vs the harness, TRL SFTTrainer vs the
 #                             harness; needs the bench extra): results/bench/
+# make bench BENCH_MODEL=random:llama-3.2-1b   the same at 1B (random weights: speed and memory only)
 VENV    ?= .venv
 TASK    ?= finance
 MODEL   ?= smollm2-135m-instruct
@@ -12,6 +13,7 @@ PROFILE ?=
 RUN_ID  ?=
 JOBS    ?=
 GRID    ?= tasks/sweeps/$(TASK).yaml
+BENCH_MODEL ?=
 # Datasets come from the hub unless a mirror is named; ../shared/hf-mirror is used when it exists.
 HARNESS_MIRROR ?= $(wildcard ../shared/hf-mirror)
 export HARNESS_MIRROR
@@ -42,7 +44,8 @@ test-fast:
 
 # Each script writes its own section of results/bench/<date>-<device>.md.
 bench:
-	@for s in $(wildcard scripts/bench_*.py); do echo "== $$s"; $(VENV)/bin/python $$s || exit 1; done
+	@for s in $(wildcard scripts/bench_*.py); do echo "== $$s"; \
+		$(VENV)/bin/python $$s $(if $(BENCH_MODEL),--model $(BENCH_MODEL)) || exit 1; done
 
 clean:
 	rm -rf work

@@ -76,6 +76,10 @@ class Training:
     seed: int = _help("seed for data order, initialisation of adapters and dropout", default=0)
     warmup_ratio: float = _help("fraction of steps of linear warm-up", default=0.03)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
+    optim: str = _help(
+        "HF Trainer's optimizer (a transformers OptimizerNames value). auto: adamw_torch_fused on a GPU, "
+        "adamw_torch on CPU. adamw_bnb_8bit keeps AdamW's two moments in 8 bits (bitsandbytes): 2 bytes a "
+        "parameter instead of 8, what lets full fine-tuning of an 8B model fit one 141 GB GPU", default="auto")
     lr_scheduler: str = _help("transformers scheduler name", default="linear")
     logging_steps: int = _help("log the loss every N steps", default=10)
     gradient_checkpointing: bool = _help("trade compute for activation memory", default=False)

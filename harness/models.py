@@ -172,6 +172,8 @@ def _random(name: str, arch: str) -> ResolvedModel:
     tok.save_pretrained(tmp)
     (tmp / "harness_source.json").write_text(json.dumps({"source": "random", "arch": label, "detail": detail}, indent=2))
     del model
+    if torch.cuda.is_available():  # the planning process keeps no GPU memory its jobs need (8B: 16 GB)
+        torch.cuda.empty_cache()
     os.replace(tmp, out)
     return ResolvedModel(name, str(out), "random", detail)
 
@@ -361,7 +363,7 @@ BNB_QUANT_TYPES = ("nf4", "fp4")
 
 
 def check_method_settings(methods: set[str], path: str, *, lora: dict, quant: dict, lr_scheduler: str,
-                          mitigation=None, where: str = "") -> None:
+                          optim: str = "auto", mitigation=None, where: str = "") -> None:
     """Every key under `lora:` and `quant:` checked against the class it is handed to, and the values
     the model decides (target modules, scheduler), before any weight loads. Without this a typo under
     `quant:` is only "Unused kwargs" in the log and QLoRA runs the default quantization; a target
@@ -379,7 +381,13 @@ def check_method_settings(methods: set[str], path: str, *, lora: dict, quant: di
                                    + (f"; did you mean {near[0]}?" if near else ""))
 
     from transformers import SchedulerType
+    from transformers.training_args import OptimizerNames
 
+    optimizers = [o.value for o in OptimizerNames]
+    if optim != "auto" and optim not in optimizers:
+        near = difflib.get_close_matches(optim, optimizers, n=1)
+        raise HarnessError(f"{where}training.optim: {optim!r} is not a transformers optimizer (OptimizerNames)"
+                           + (f"; did you mean {near[0]}?" if near else "; or auto"))
     schedulers = [s.value for s in SchedulerType]
     if lr_scheduler not in schedulers:
         raise HarnessError(f"{where}training.lr_scheduler: {lr_scheduler!r} is not a transformers scheduler; "

@@ -235,20 +235,24 @@ def prepare(spec: CompareSpec, arms: list[Arm], *, child: bool = False, only: tu
     for arm in mine:  # lora:/quant: keys against peft and transformers, target modules against the model
         t = p.arm_tasks[arm.name]
         models.check_method_settings({arm.method}, resolved.path, lora=t.lora, quant=t.quant,
-                                     lr_scheduler=t.training.lr_scheduler, mitigation=t.mitigation,
+                                     lr_scheduler=t.training.lr_scheduler, optim=t.training.optim,
+                                     mitigation=t.mitigation,
                                      where="" if arm.name == arm.method else f"arm {arm.name}: ")
     distributed.eval_processes(p.profile, models.device_kind())
     for arm in mine:  # training.distributed: accelerate, processes against devices, what FSDP can shard
         distributed.check(p.arm_tasks[arm.name], arm.method, p.profile, models.device_kind(),
                           where="" if arm.name == arm.method else f"arm {arm.name}: ")
     if models.device_kind() == "cuda":  # an arm or reference no GPU here can hold: refused now, with the figure
-        needs = {a.name: parallel.job_memory(a.method, n_params) / _shards(p.arm_tasks[a.name], a.method)
+        needs = {a.name: parallel.job_memory(a.method, n_params, optim=p.arm_tasks[a.name].training.optim)
+                 / _shards(p.arm_tasks[a.name], a.method)
                  for a in mine}
         if not child:
             needs["base"] = parallel.job_memory("eval", n_params)
         parallel.check_fits(needs, parallel.gpu_totals(), n_params=n_params)
     _check_disk(n_params, mine, p.work_dir, snapshots={
-        a.name: len(points.snapshot_steps(p.arm_tasks[a.name].training.eval_at, 1 << 30)) for a in mine})
+        a.name: len(points.snapshot_steps(p.arm_tasks[a.name].training.eval_at, 1 << 30)) for a in mine},
+        checkpoints={a.name: bool(p.arm_tasks[a.name].training.save_minutes or p.arm_tasks[a.name].training.save_steps)
+                     for a in mine})
     _check_saved(mine, p.work_dir)
     if not child:
         log(f"model {resolved.name}: {resolved.detail}")
@@ -385,18 +389,23 @@ def _check_training_data(task: TaskConfig, mirror) -> int:
     return len(ds)
 
 
-# Bytes on disk per parameter, per arm: full fine-tuning saves an fp32 model (4) and keeps one Trainer
-# checkpoint (fp32 weights 4 + AdamW moments 8), two while the newer replaces the older; adapters are
-# a few percent of that at most.
-DISK_PER_PARAM = {"full": 4 + 2 * 12, "lora": 1, "qlora": 1}
+# Bytes on disk per parameter, per arm: the saved result (full fine-tuning: an fp32 model; adapters: a
+# few percent of that at most) and, where the arm saves resumable Trainer checkpoints
+# (training.save_minutes or save_steps), one checkpoint (fp32 weights 4 + AdamW moments 8), two while
+# the newer replaces the older.
+SAVED_PER_PARAM = {"full": 4, "lora": 1, "qlora": 1}
+CHECKPOINT_PER_PARAM = {"full": 2 * 12, "lora": 0, "qlora": 0}
 
 
-def _check_disk(n_params: int, arms: list[Arm], work_dir: Path, snapshots: dict[str, int] | None = None) -> None:
-    """Fail before training when the work dir's disk cannot hold the checkpoints (from the model's size)
-    and the snapshots of training.eval_at (a saved model or adapter each)."""
+def _check_disk(n_params: int, arms: list[Arm], work_dir: Path, snapshots: dict[str, int] | None = None,
+                checkpoints: dict[str, bool] | None = None) -> None:
+    """Fail before training when the work dir's disk cannot hold the saved arms, their checkpoints (where
+    they save any) and the snapshots of training.eval_at (a saved model or adapter each), from the
+    model's size. At 8B, full fine-tuning's two checkpoints alone are ~190 GB: an arm run with
+    training.save_minutes=0 (no checkpoints) is not refused for them."""
     todo = [a for a in arms if not (work_dir / a.name / "train.json").exists()]
-    saved = {"full": 4, "lora": 1, "qlora": 1}
-    needed = sum((DISK_PER_PARAM[a.method] + (snapshots or {}).get(a.name, 0) * saved[a.method]) * n_params
+    needed = sum((SAVED_PER_PARAM[a.method] * (1 + (snapshots or {}).get(a.name, 0))
+                  + CHECKPOINT_PER_PARAM[a.method] * (checkpoints or {}).get(a.name, True)) * n_params
                  for a in todo)
     if not needed:
         return

@@ -356,7 +356,7 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         data_seed=t.seed,
         bf16=cuda,  # bf16 autocast over fp32 master weights on GPU; plain fp32 on CPU
         use_cpu=not cuda,
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        optim=t.optim if t.optim != "auto" else "adamw_torch_fused" if cuda else "adamw_torch",
         # The default filter tests every micro-step's loss for nan/inf in Python: a GPU->CPU sync per
         # step that stalls the launch queue. A nan loss still shows in the logged history.
         logging_nan_inf_filter=False,

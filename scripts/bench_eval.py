@@ -35,6 +35,21 @@ SECTION = "## Evaluation"
 # bf16 rounds logits to ~3 significant digits; the two paths run different kernel shapes (one pass
 # vs prefix + continuation), so log-likelihoods may differ by about this much per document.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25}
+CHOSEN: dict = {}  # lm-eval hf's batch argument -> the batch sizes it reported using (auto's probe)
+GOAL = 2.0  # issue 17: the harness's suite evaluation at least this much faster than lm-eval hf at batch auto
+
+
+def batch_arg(value: str) -> int | str:
+    """A batch size: a positive integer, or lm-eval's `auto` (it probes the largest batch memory holds)."""
+    if value == "auto" or value.startswith("auto:"):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or auto")
+    return n
 
 
 def main() -> None:
@@ -46,9 +61,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=sorted(TOLERANCE))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating")
-    ap.add_argument("--hf-batch-size", type=int, action="append", default=None,
-                    help="lm-eval hf's batch size (repeatable: lm-eval's own noise across batch sizes is "
-                         "reported; default --batch-size)")
+    ap.add_argument("--hf-batch-size", type=batch_arg, action="append", default=None,
+                    help="lm-eval hf's batch size, or auto (repeatable: lm-eval's own noise across batch sizes is "
+                         "reported; default auto, the reference a user would pick)")
     ap.add_argument("--out", type=Path, default=None, help="markdown file (default results/bench/<date>-<device>.md)")
     args = ap.parse_args()
 
@@ -66,7 +81,7 @@ def main() -> None:
     configs = [evaluate.task_config(t, mirror=mirror) for t in tasks]
     evaluate.task_manager().load_task_or_group(configs)  # warm-up: the datasets cache
 
-    hf_batches = args.hf_batch_size or [args.batch_size]
+    hf_batches = args.hf_batch_size or ["auto"]
     runs, raw, extra = [], {}, {}
     for r in range(args.rounds):
         for side, batch in [("hf", hf_batches[0]), ("harness", args.batch_size)] + (
@@ -104,6 +119,7 @@ def _run(side, path, tasks, configs, samples, mirror, args, dev, batch):
                               task_manager=evaluate.task_manager(), random_seed=0, numpy_random_seed=0,
                               torch_random_seed=0, fewshot_random_seed=0)
         seconds = time.perf_counter() - start
+        CHOSEN.setdefault(batch, out["config"].get("batch_sizes"))
         metrics = {t: {k.replace(",none", ""): v for k, v in out["results"][t].items()
                        if "," in k and "stderr" not in k} for t in tasks}
         return seconds, metrics, evaluate.raw_responses(out)
@@ -129,19 +145,23 @@ def _render(runs, raw, tasks, args, device_name, dev, hf_batch, extra) -> str:
     mc = max(args.batch_size, evaluate.GPU_MC_BATCH) if dev == "cuda" else args.batch_size
     lines = [SECTION, "",
              f"`scripts/bench_eval.py --model {args.model} --tasks {','.join(tasks)} --dtype {args.dtype} "
-             f"--batch-size {args.batch_size}{''.join(f' --hf-batch-size {b}' for b in [hf_batch, *extra]) if extra else ''}"
+             f"--batch-size {args.batch_size}{''.join(f' --hf-batch-size {b}' for b in [hf_batch, *extra])}"
              f"{f' --limit {args.limit}' if args.limit else ''}` on {device_name}, "
              f"{agree['documents']} documents.", "",
              f"Reference: `lm_eval.simple_evaluate(model=\"hf\", batch_size={hf_batch})` (lm-eval's HFLM). "
              f"Harness: `harness.evaluate.evaluate` (model class `harness`, up to {mc} multiple-choice requests per "
              f"batch{', prefixes within ' + str(evaluate.GPU_PREFIX_RATIO) + 'x of the longest' if dev == 'cuda' else ''}). "
-             "Wall time includes loading the model; both log samples.", "",
+             "Wall time includes loading the model; both log samples."
+             f"{f' lm-eval hf at auto used batch sizes {CHOSEN.get(hf_batch)}.' if hf_batch in CHOSEN else ''}", "",
              "| run | lm-eval hf (s) | harness (s) | peak allocated / reserved, hf | peak allocated / reserved, "
              "harness |", "|---|---|---|---|---|"]
     for i, (a, b) in enumerate(zip(ref, fast, strict=True)):
         lines.append(f"| {i + 1} | {a:.1f} | {b:.1f} | {_gib(*mem['hf'][i])} | {_gib(*mem['harness'][i])} |")
-    lines += ["", f"Speed-up: **{min(ref) / min(fast):.2f}x** (best of each), "
-              f"{statistics.median(ref) / statistics.median(fast):.2f}x (medians).", "",
+    ratio = statistics.median(ref) / statistics.median(fast)
+    lines += ["", f"Speed-up: **{min(ref) / min(fast):.2f}x** (best of each), {ratio:.2f}x (medians); goal "
+              f">= {GOAL}x against lm-eval hf at batch auto: "
+              f"{('met' if ratio >= GOAL else 'not met') if hf_batch == 'auto' else 'not measured (hf batch not auto)'}.",
+              "",
               f"Agreement: same choice on {agree['same_pred']}/{agree['documents']} documents, same is_greedy "
               f"flags: {'yes' if agree['same_greedy'] else 'no'}, max |Δ log-likelihood| {agree['max_abs_diff']:.2e} "
               f"(tolerance {tol:g} in {args.dtype}): **{'PASS' if ok else 'FAIL'}**.", "",

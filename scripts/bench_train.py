@@ -1,18 +1,28 @@
-"""Training throughput: the harness's train.run against TRL's SFTTrainer with its default settings.
+"""Training throughput: the harness's train.run against TRL's SFTTrainer, configured for speed.
 
     python scripts/bench_train.py                       # full + qlora, 200 steps, 2 rounds
+    python scripts/bench_train.py --model random:llama-3.2-1b --steps 100   # at 1B (random weights)
     python scripts/bench_train.py --steps 5 --examples 160 --rounds 1 --methods full   # CPU smoke
 
-Both arms get the same model, the same (prompt, answer) examples in the same order, the same
-effective batch, max length, learning rate and number of optimizer steps; they alternate
-(trl, harness, trl, harness, ...) in one process so drift in the machine hits both. TRL runs with
-SFTTrainer's defaults otherwise (TRL 1.x SFTConfig: bf16 autocast over fp32 weights, gradient
-checkpointing on, no packing, pad to the longest in the batch, completion-only loss for a
-prompt/completion dataset with an EOS appended to each completion (so its loss has one more target
-per example: compare losses as a sanity check only), logging_steps 10, fused AdamW); on CPU bf16 is
-turned off for both. Tokens are counted the same way for both: the real (unpadded) tokens of every
-batch the trainer's collator hands over. Writes a markdown section to --out
-(default results/bench/<date>-<device>-train.md) and prints it.
+Both sides get the same model, the same (prompt, answer) examples in the same order, the same
+effective batch, max length, learning rate, number of optimizer steps and weight precision (fp32
+master weights, bf16 autocast on a GPU); they alternate (trl, harness, trl, harness, ...) in one
+process so drift in the machine hits both. `--trl` picks TRL's configurations (comma-separated):
+
+- `speed` (default): what TRL 1.x offers for speed without changing what a step learns: padding-free
+  batches (the micro-batch's examples flattened into one row, positions restarting per example, which
+  transformers' SDPA mask keeps block-diagonal), no gradient checkpointing, Liger's layer kernels
+  (RMSNorm, SwiGLU, RoPE) where `liger-kernel` imports and a GPU is present, fused AdamW, TRL's own
+  chunked LM-head loss.
+- `packed`: as `speed`, plus TRL's best-fit-decreasing packing into rows of max_length tokens, with as
+  many rows per step as hold the harness's mean tokens per step: about, not exactly, the same examples
+  per step (packing regroups them), so its loss is not the same experiment; a throughput reference only.
+- `default`: SFTTrainer's defaults (gradient checkpointing on, padding to the longest, no packing).
+
+TRL computes a completion-only loss with an EOS appended to each completion (one more target per
+example: compare losses as a sanity check only). On CPU, bf16 is off for both. Tokens are counted the
+same way for both: the real (unpadded) tokens of every batch the trainer's collator hands over. Writes
+a markdown section to --out (default results/bench/<date>-<device>-train.md) and prints it.
 """
 
 from __future__ import annotations
@@ -77,38 +87,89 @@ def peak_memory():
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
-def run_trl(method, task, texts, model_path, steps, out_dir):
+def liger_available() -> str | None:
+    """None when Liger's kernels can run here, else why not (they are Triton kernels: GPU only)."""
+    import importlib.util
+
     import torch
+
+    if not torch.cuda.is_available():
+        return "no GPU"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel not installed"
+    return None
+
+
+def trl_args(config: str, method, task, steps, out_dir, tokens_per_step: float, liger: bool = True):
+    """SFTConfig keyword arguments of one TRL configuration (see the module docstring)."""
+    import torch
+
+    t, settings = task.training, task.methods[method]
+    micro = min(settings.micro_batch_size, t.batch_size)
+    kw = dict(per_device_train_batch_size=micro, gradient_accumulation_steps=t.batch_size // micro,
+              max_steps=steps, max_length=t.max_length, learning_rate=settings.learning_rate, seed=t.seed,
+              data_seed=t.seed, save_strategy="no", report_to=[], disable_tqdm=True,
+              warmup_steps=int(t.warmup_ratio * steps), lr_scheduler_type=t.lr_scheduler, logging_steps=t.logging_steps)
+    if not torch.cuda.is_available():
+        kw.update(bf16=False, use_cpu=True)  # TRL's default bf16 autocast is for GPUs
+    if config == "default":
+        return kw
+    # TRL refuses padding-free rows with a max_length it cannot enforce; main() checks that no example
+    # reaches max_length, so lifting it changes nothing.
+    kw.update(gradient_checkpointing=False, padding_free=True, optim="adamw_torch_fused",
+              use_liger_kernel=liger and liger_available() is None, max_length=None)
+    if config == "packed":
+        # Rows of max_length tokens, as many per step as carry the harness's tokens per step.
+        rows = max(1, round(tokens_per_step / t.max_length))
+        kw.update(packing=True, packing_strategy="bfd", max_length=t.max_length, per_device_train_batch_size=rows, gradient_accumulation_steps=1)
+    return kw
+
+
+def run_trl(config, method, task, texts, model_path, steps, out_dir, tokens_per_step):
+    """One TRL run; where Liger's kernels fail on this model or stack, the run is redone without them
+    and the row says why (TRL's speed configuration minus what does not work here)."""
+    try:
+        return _run_trl(config, method, task, texts, model_path, steps, out_dir, tokens_per_step, liger=True)
+    except Exception as e:  # noqa: BLE001 (any failure of Liger's patching or kernels)
+        if config == "default" or liger_available() is not None:
+            raise
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+        print(f"[bench] trl-{config} {method}: Liger failed ({why}); again without it", file=sys.stderr)
+        reset_memory()
+        res = _run_trl(config, method, task, texts, model_path, steps, Path(f"{out_dir}-noliger"), tokens_per_step,
+                       liger=False)
+        res["settings"] = res["settings"].replace("liger=off (not asked)", f"liger=failed ({why})")
+        return res
+
+
+def _run_trl(config, method, task, texts, model_path, steps, out_dir, tokens_per_step, *, liger):
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    t, settings = task.training, task.methods[method]
-    micro = min(settings.micro_batch_size, t.batch_size)
-    cuda = torch.cuda.is_available()
-    kw = {} if cuda else {"bf16": False, "use_cpu": True}  # TRL's default bf16 autocast is for GPUs
     init_kwargs, peft_config = None, None
     if method == "qlora":
         init_kwargs = {"quantization_config": models.bnb_config(task.quant)}
     if method != "full":
         peft_config = LoraConfig(task_type="CAUSAL_LM", **task.lora)
-    args = SFTConfig(
-        output_dir=str(out_dir), per_device_train_batch_size=micro, gradient_accumulation_steps=t.batch_size // micro,
-        max_steps=steps, max_length=t.max_length, learning_rate=settings.learning_rate, seed=t.seed,
-        data_seed=t.seed, save_strategy="no", report_to=[], model_init_kwargs=init_kwargs, disable_tqdm=True, **kw)
+    args = SFTConfig(output_dir=str(out_dir), model_init_kwargs=init_kwargs,
+                     **trl_args(config, method, task, steps, out_dir, tokens_per_step, liger))
     data = Dataset.from_list([{"prompt": p, "completion": a} for p, a in texts])
     trainer = SFTTrainer(model=model_path, args=args, train_dataset=data, peft_config=peft_config,
                          processing_class=models.load_tokenizer(model_path))
-    counter = trainer.data_collator = TokenCounter(trainer.data_collator)
+    counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
     reset_memory()
     start = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - start
     optim = getattr(args.optim, "value", args.optim)
+    liger = "on" if args.use_liger_kernel else f"off ({liger_available() or 'not asked'})"
+    settings = (f"gradient_checkpointing={args.gradient_checkpointing}, bf16={args.bf16}, packing={args.packing}, "
+                f"padding_free={trainer.padding_free}, liger={liger}, optim={optim}, "
+                f"rows/micro-batch={args.per_device_train_batch_size}")
     return {"seconds": seconds, "tokens": counter.tokens, "steps": trainer.state.global_step,
-            "loss": out.training_loss, "peak": peak_memory(),
-            "settings": f"gradient_checkpointing={args.gradient_checkpointing}, bf16={args.bf16}, "
-                        f"packing={args.packing}, padding_free={args.padding_free}, optim={optim}"}
+            "loss": out.training_loss, "peak": peak_memory(), "settings": settings}
 
 
 def run_harness(method, task, profile, examples, model_path, out_dir):
@@ -155,6 +216,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     ap.add_argument("--examples", type=int, default=None, help="training examples (default: steps x batch)")
     ap.add_argument("--rounds", type=int, default=2, help="alternations of (trl, harness) per method")
+    ap.add_argument("--trl", default="speed", help="TRL configurations, comma-separated: speed, packed, default")
     ap.add_argument("--mirror", default=None, help="dataset mirror (default: HARNESS_MIRROR)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -176,20 +238,29 @@ def main(argv=None):
     texts, _ = train.training_texts(task, profile, mirror=mirror)
     examples, record = train.training_examples(task, profile, tok, mirror=mirror)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    configs = [c.strip() for c in a.trl.split(",") if c.strip()]
+    bad = sorted(set(configs) - {"speed", "packed", "default"})
+    if bad or not configs:
+        ap.error(f"--trl {a.trl}: unknown configuration {', '.join(bad) or '(none)'}; valid: speed, packed, default")
+    if record["truncated"] and set(configs) & {"speed", "packed"}:
+        ap.error(f"{record['truncated']} examples exceed max_length {task.training.max_length}: TRL's padding-free "
+                 "rows would not be cut as the harness cuts them; use --trl default")
+    tokens_per_step = record["tokens"] / max(record["examples"], 1) * batch
     device = device_name()
     warm_up()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for method in methods:
-                for arm in ("trl", "harness"):
+                for arm in [f"trl-{c}" for c in configs] + ["harness"]:
                     out_dir = Path(tmp) / f"{arm}-{method}-{r}"
                     quiet = io.StringIO()
                     with contextlib.redirect_stdout(quiet):
-                        if arm == "trl":
-                            res = run_trl(method, task, texts, model_path, a.steps, out_dir)
-                        else:
+                        if arm == "harness":
                             res = run_harness(method, task, profile, examples, model_path, out_dir)
+                        else:
+                            res = run_trl(arm[4:], method, task, texts, model_path, a.steps, out_dir,
+                                          tokens_per_step)
                     res.update(arm=arm, method=method, round=r + 1)
                     rows.append(res)
                     print(f"[bench] round {r + 1} {method} {arm}: {res['tokens'] / res['seconds']:,.0f} tok/s, "
@@ -198,25 +269,31 @@ def main(argv=None):
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     lines = [f"## Training throughput: harness vs TRL SFTTrainer ({device}, {date})", "",
-             f"Model `{a.model}`, task `{task.name}`: {record['examples']} examples ({record['tokens']:,} tokens, "
+             f"`scripts/bench_train.py --model {a.model} --methods {a.methods} --steps {a.steps} --rounds {a.rounds} "
+             f"--trl {','.join(configs)}`{f' --examples {a.examples}' if a.examples else ''}. "
+             f"Task `{task.name}`: {record['examples']} examples ({record['tokens']:,} tokens, "
              f"{record['answer_tokens']:,} answer tokens), effective batch {task.training.batch_size}, "
              f"max_length {task.training.max_length}, {a.steps} optimizer steps per run, {a.rounds} round(s) "
-             f"alternating trl, harness. torch {torch.__version__}, transformers {transformers.__version__}, "
-             f"trl {trl.__version__}, peft {peft.__version__}. Tokens: real (unpadded) tokens "
-             "of the batches each trainer's collator built; time: `trainer.train()` only.", "",
+             f"alternating {', '.join(f'trl-{c}' for c in configs)}, harness. torch {torch.__version__}, "
+             f"transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}. Tokens: real "
+             "(unpadded) tokens of the batches each trainer's collator built; time: `trainer.train()` only. "
+             "TRL configurations: see the script's docstring.", "",
              "| method | arm | round | tokens/s | steps/s | peak allocated | mean train loss | settings |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for x in rows:
         lines.append(f"| {x['method']} | {x['arm']} | {x['round']} | {x['tokens'] / x['seconds']:,.0f} | "
                      f"{x['steps'] / x['seconds']:.2f} | {fmt_mem(x['peak'])} | {x['loss']:.4f} | {x['settings']} |")
-    lines += ["", "| method | TRL tokens/s | harness tokens/s | ratio | goal |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| method | TRL configuration | TRL tokens/s | harness tokens/s | ratio | goal |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for method in methods:
         # Median over rounds: one slow round (first use, a neighbour's load) does not decide the ratio.
-        tps = {arm: statistics.median(x["tokens"] / x["seconds"] for x in rows
-                                      if x["method"] == method and x["arm"] == arm) for arm in ("trl", "harness")}
-        ratio = tps["harness"] / tps["trl"]
-        verdict = "met" if ratio >= GOAL else "not met"
-        lines.append(f"| {method} | {tps['trl']:,.0f} | {tps['harness']:,.0f} | {ratio:.2f}x | >= {GOAL}x: {verdict} |")
+        def tps(arm):
+            return statistics.median(x["tokens"] / x["seconds"] for x in rows if x["method"] == method and x["arm"] == arm)
+        for c in configs:
+            ratio = tps("harness") / tps(f"trl-{c}")
+            verdict = "met" if ratio >= GOAL else "not met"
+            lines.append(f"| {method} | {c} | {tps(f'trl-{c}'):,.0f} | {tps('harness'):,.0f} | {ratio:.2f}x | "
+                         f">= {GOAL}x: {verdict} |")
     text = "\n".join(lines) + "\n"
     out = Path(a.out) if a.out else ROOT / "results" / "bench" / f"{date}-{device}-train.md"
     out.parent.mkdir(parents=True, exist_ok=True)

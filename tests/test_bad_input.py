@@ -182,6 +182,8 @@ CASES = [
      ["mitigation.interpolate: scales the adapter's update, which lora.use_dora makes non-linear"]),
     ("scheduler-unknown", lambda e: ["training.lr_scheduler=bogus"],
      ["training.lr_scheduler: 'bogus' is not a transformers scheduler", "cosine"]),
+    ("optim-unknown", lambda e: ["training.optim=adamw_bnb_8bits"],
+     ["training.optim: 'adamw_bnb_8bits' is not a transformers optimizer (OptimizerNames); did you mean adamw_bnb_8bit?"]),
 ]
 
 
@@ -287,3 +289,18 @@ def test_resume_of_a_config_with_unknown_settings_is_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["compare", "--resume", str(run_dir)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "config.json: spec records unknown settings turbo" in result.output
+
+
+def test_the_disk_check_counts_checkpoints_only_for_arms_that_save_them(tmp_path, monkeypatch):
+    """8B full fine-tuning: the fp32 model (32 GB) fits a 64 GB disk, its two resumable checkpoints
+    (~190 GB) do not; with training.save_minutes=0 the arm writes none, and is not refused for them."""
+    from harness import planning
+    from harness.config import HarnessError
+
+    n = 8_000_000_000
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=64 * 10**9))
+    arms = [planning.Arm("full", "full"), planning.Arm("qlora", "qlora")]
+    with pytest.raises(HarnessError, match=r"needed for the checkpoints of full, qlora .*only 64\.0 GB"):
+        planning._check_disk(n, arms, tmp_path, checkpoints={"full": True, "qlora": True})
+    planning._check_disk(n, arms, tmp_path, checkpoints={"full": False, "qlora": True})  # 40 GB: fits

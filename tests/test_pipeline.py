@@ -197,7 +197,7 @@ def test_auto_jobs_fit_the_gpus_free_memory(monkeypatch):
     small = parallel.job_memory("qlora", 135_000_000)  # SmolLM2: ~9.5 GiB, the evaluation's budget
     assert 9 * gib < small < 10 * gib
     assert parallel.concurrency("auto", needs=[small] * 4, device="cuda") == 4
-    big = parallel.job_memory("full", 7_000_000_000)  # 7B full fine-tuning: 16 bytes per parameter
+    big = parallel.job_memory("full", 7_000_000_000)  # 7B full fine-tuning: 18 bytes per parameter
     assert parallel.concurrency("auto", needs=[big, small, small], device="cuda") == 1
     assert parallel.concurrency("auto", needs=[small] * 12, device="cuda") == 8  # 16 cores
 
@@ -243,7 +243,7 @@ def test_jobs_are_placed_on_gpus_by_their_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (80 * gib, 141 * gib))
     monkeypatch.setattr(parallel.os, "cpu_count", lambda: 64)
-    big = parallel.job_memory("full", 3_000_000_000)  # ~49 GiB: one per 68 GiB GPU
+    big = parallel.job_memory("full", 3_000_000_000)  # ~54 GiB: one per 68 GiB GPU
     assert parallel.concurrency("auto", needs=[big] * 3, device="cuda") == 2
 
 
