@@ -964,6 +964,12 @@ def _training(metrics: dict) -> list[tuple]:
         return []
     header = ["arm", "method", "steps", "epochs", "batch", "lr", "final loss", "compute"]
     blocks = [("h", 2, "Training"), ("table", header, rows)]
+    optims = {arm: a["train"]["optim"] for arm, a in metrics["arms"].items()
+              if a["train"] and a["train"].get("optim") not in (None, "adamw_torch_fused", "adamw_torch")}
+    if optims:  # not the default AdamW: its state (and so the memory figures) differs
+        rest = len(rows) > len(optims)
+        blocks.append(("p", "Optimizer (`training.optim`): " + ", ".join(f"{arm} {o}" for arm, o in optims.items())
+                       + ("; the other arms AdamW with fp32 moments." if rest else ".")))
     graphed = {arm: a["train"]["padded_length"] for arm, a in metrics["arms"].items()
                if a["train"] and a["train"].get("cuda_graphs")}
     if graphed:  # a cost of the speed, not of the method: say so beside the memory figures

@@ -438,6 +438,7 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         "trainable_pct": 100.0 * trainable / total,
         "base_4bit": models.is_4bit(model),
         "compute_dtype": models.compute_dtype(model),
+        "optim": getattr(args.optim, "value", args.optim),
         "saved": saved,
         "model_footprint_bytes": resources.footprint_bytes(model),
         **{k: v for k, v in measured.result.items() if k != "seconds"},

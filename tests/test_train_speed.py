@@ -3,6 +3,8 @@ gradients, masks only prompts, and leaves steps and examples the same for every 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -319,3 +321,23 @@ def test_cuda_graph_steps_train_as_eager_steps(tmp_path, tiny_model, tiny_task, 
     assert graphed.stats["cuda_graphs"] is True and eager.stats["cuda_graphs"] is False
     assert graphed.stats["graph_capture_seconds"] > 0
     _same_training(graphed, eager, rtol=2e-2, atol=2e-3)
+
+
+def test_training_optim_is_the_optimizer_the_trainer_steps_with(tmp_path, tiny_model, tiny_task, mirror, monkeypatch):
+    """training.optim reaches HF Trainer (the optimizer it built is the one named), and the arm's record
+    names it for the report."""
+    task = load_task(str(tiny_task), ["training.optim=sgd", "training.warmup_ratio=0.0", "training.lr_scheduler=constant"])
+    profile = dataclasses.replace(task.profiles["quick"], max_steps=1)
+    tok = models.load_tokenizer(str(tiny_model))
+    examples, _ = train.training_examples(task, profile, tok, mirror=mirror)
+    steps = []
+    sgd_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: steps.append(1) or sgd_step(self, *a, **k))
+    res = train.run("full", task=task, profile=profile, model_path=str(tiny_model), examples=examples,
+                    out_dir=tmp_path / "sgd")
+    assert res.stats["optim"] == "sgd" and res.stats["steps"] == 1 and steps == [1]
+    from harness import report
+
+    metrics = {"arms": {"full": {"train": res.stats}}, "labels": {}}
+    text = " ".join(str(b) for b in report._training(metrics))
+    assert "Optimizer (`training.optim`): full sgd." in text
