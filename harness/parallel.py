@@ -34,14 +34,15 @@ def optimizer_state_bytes(optim: str) -> int:
     return 2 if "8bit" in optim else 8
 
 
-def job_memory(kind: str, n_params: int, *, optim: str = "auto") -> int:
+def job_memory(kind: str, n_params: int, *, optim: str = "auto", kl: bool = False) -> int:
     """Rough peak GPU bytes of one job on a model of `n_params`: the larger of its training and its
-    evaluation. Evaluation: fp32 weights plus the harness's 8 GiB scoring budget (fastlm) and slack.
-    Training: full fine-tuning holds fp32 weights, gradients, the optimizer's state (8 bytes a parameter
-    for AdamW, 2 for an 8-bit one) and, under bf16 autocast, a bf16 copy of the weights for the step
-    (18 bytes a parameter with AdamW); adapters train over a frozen fp32 (lora) or 4-bit (qlora) base.
-    Activations: a few GiB."""
-    evaluation = 4 * n_params + 9 * GiB
+    evaluation. Evaluation: fp32 weights plus the harness's 8 GiB scoring budget (fastlm) and slack;
+    with `kl` (an arm's KL(base || arm), harness/scoring.py), the fp32 base beside it. Training: full
+    fine-tuning holds fp32 weights, gradients, the optimizer's state (8 bytes a parameter for AdamW,
+    2 for an 8-bit one) and, under bf16 autocast, a bf16 copy of the weights for the step (18 bytes a
+    parameter with AdamW); adapters train over a frozen fp32 (lora) or 4-bit (qlora) base. Activations:
+    a few GiB."""
+    evaluation = (8 if kl else 4) * n_params + 9 * GiB
     full = (4 + 4 + optimizer_state_bytes(optim) + 2) * n_params
     training = {"full": full + 4 * GiB, "lora": 4 * n_params + 4 * GiB, "qlora": n_params + 4 * GiB}.get(kind, 0)
     return max(evaluation, training)

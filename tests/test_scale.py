@@ -53,6 +53,8 @@ def test_a_job_no_gpu_can_hold_is_refused_with_the_figure():
     # AdamW's moments in 8 bits (training.optim=adamw_bnb_8bit): 12 bytes a parameter instead of 18.
     eight_bit = parallel.job_memory("full", n, optim="adamw_bnb_8bit")
     assert 93 * GiB < eight_bit < 94 * GiB
+    # An arm's KL(base || arm) loads the fp32 base beside it: LoRA's evaluation then needs two copies.
+    assert parallel.job_memory("lora", n, kl=True) - parallel.job_memory("lora", n) == 4 * n
     parallel.check_fits(needs, [], n_params=n)  # CPU: host memory is not estimated
 
 

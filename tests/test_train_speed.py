@@ -298,6 +298,10 @@ def test_step_graph_path_trains_as_the_plain_step(monkeypatch, tmp_path, tiny_mo
     assert graphed.stats["cuda_graphs"] is True and len(captured) == 1  # captured once, then replayed
     assert captured[0][0].shape == (1, graphed.stats["padded_length"])
     assert graphed.stats["micro_batch_size"] == micro
+    import gc
+
+    gc.collect()  # the captured step (on a GPU: its graphs and their memory pool) ends with the training
+    assert not [o for o in gc.get_objects() if isinstance(o, train.StepGraph)]
     _same_training(graphed, plain, rtol=1e-4, rounding_fraction=1e-3)
     if micro == 8:
         return
@@ -341,3 +345,23 @@ def test_training_optim_is_the_optimizer_the_trainer_steps_with(tmp_path, tiny_m
     metrics = {"arms": {"full": {"train": res.stats}}, "labels": {}}
     text = " ".join(str(b) for b in report._training(metrics))
     assert "Optimizer (`training.optim`): full sgd." in text
+
+
+def test_training_leaves_no_optimizer_state_or_gradients_behind(tmp_path, tiny_model, tiny_task, mirror):
+    """The arm is evaluated in the process that trained it: AdamW's moments, the gradients and (on a GPU)
+    the CUDA graphs' pools must be gone by then, or the evaluation (and its memory figure) carries them.
+    At 8B on an 80 GB GPU, 25 GiB left in the graphs' pools made the arm's KL step run out of memory."""
+    import gc
+
+    task = load_task(str(tiny_task))
+    profile = dataclasses.replace(task.profiles["quick"], max_steps=2)
+    tok = models.load_tokenizer(str(tiny_model))
+    examples, _ = train.training_examples(task, profile, tok, mirror=mirror)
+    res = train.run("full", task=task, profile=profile, model_path=str(tiny_model), examples=examples,
+                    out_dir=tmp_path / "full")
+    params = {id(p) for p in res.model.parameters()}
+    assert all(p.grad is None for p in res.model.parameters())
+    gc.collect()
+    holders = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)
+               and any(id(p) in params for g in o.param_groups for p in g["params"])]
+    assert not holders, f"{len(holders)} optimizer(s) still hold the arm's parameters after training"
