@@ -100,7 +100,7 @@ def liger_available() -> str | None:
     return None
 
 
-def trl_args(config: str, method, task, steps, out_dir, tokens_per_step: float, liger: bool = True):
+def trl_args(config: str, method, task, steps, tokens_per_step: float, liger: bool = True):
     """SFTConfig keyword arguments of one TRL configuration (see the module docstring)."""
     import torch
 
@@ -121,7 +121,8 @@ def trl_args(config: str, method, task, steps, out_dir, tokens_per_step: float, 
     if config == "packed":
         # Rows of max_length tokens, as many per step as carry the harness's tokens per step.
         rows = max(1, round(tokens_per_step / t.max_length))
-        kw.update(packing=True, packing_strategy="bfd", max_length=t.max_length, per_device_train_batch_size=rows, gradient_accumulation_steps=1)
+        kw.update(packing=True, packing_strategy="bfd", max_length=t.max_length,
+                  per_device_train_batch_size=rows, gradient_accumulation_steps=1)
     return kw
 
 
@@ -153,7 +154,7 @@ def _run_trl(config, method, task, texts, model_path, steps, out_dir, tokens_per
     if method != "full":
         peft_config = LoraConfig(task_type="CAUSAL_LM", **task.lora)
     args = SFTConfig(output_dir=str(out_dir), model_init_kwargs=init_kwargs,
-                     **trl_args(config, method, task, steps, out_dir, tokens_per_step, liger))
+                     **trl_args(config, method, task, steps, tokens_per_step, liger))
     data = Dataset.from_list([{"prompt": p, "completion": a} for p, a in texts])
     trainer = SFTTrainer(model=model_path, args=args, train_dataset=data, peft_config=peft_config,
                          processing_class=models.load_tokenizer(model_path))
