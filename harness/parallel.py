@@ -48,6 +48,11 @@ def job_memory(kind: str, n_params: int, *, optim: str = "auto", kl: bool = Fals
     return max(evaluation, training)
 
 
+def arm_memory(method: str, n_params: int, task) -> int:
+    """`job_memory` of an arm, from its task config (the optimizer it trains with, whether KL is measured)."""
+    return job_memory(method, n_params, optim=task.training.optim, kl=task.kl.enabled)
+
+
 def check_fits(needs: dict[str, float], totals: list[float], *, n_params: int) -> None:
     """Refuse, before anything starts, a job whose `job_memory` estimate exceeds every GPU's whole memory:
     the estimate's weights, gradients and optimizer states alone would not fit, whatever else runs."""

@@ -243,8 +243,7 @@ def prepare(spec: CompareSpec, arms: list[Arm], *, child: bool = False, only: tu
         distributed.check(p.arm_tasks[arm.name], arm.method, p.profile, models.device_kind(),
                           where="" if arm.name == arm.method else f"arm {arm.name}: ")
     if models.device_kind() == "cuda":  # an arm or reference no GPU here can hold: refused now, with the figure
-        needs = {a.name: parallel.job_memory(a.method, n_params, optim=p.arm_tasks[a.name].training.optim,
-                                             kl=p.arm_tasks[a.name].kl.enabled) / _shards(p.arm_tasks[a.name], a.method)
+        needs = {a.name: parallel.arm_memory(a.method, n_params, p.arm_tasks[a.name]) / _shards(p.arm_tasks[a.name], a.method)
                  for a in mine}
         if not child:
             needs["base"] = parallel.job_memory("eval", n_params)
