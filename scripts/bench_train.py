@@ -218,6 +218,8 @@ def main(argv=None):
     ap.add_argument("--examples", type=int, default=None, help="training examples (default: steps x batch)")
     ap.add_argument("--rounds", type=int, default=2, help="alternations of (trl, harness) per method")
     ap.add_argument("--trl", default="speed", help="TRL configurations, comma-separated: speed, packed, default")
+    ap.add_argument("--warmup-steps", type=int, default=5,
+                    help="on a GPU, one unmeasured run of this many steps per arm first (kernel compilation); 0: none")
     ap.add_argument("--mirror", default=None, help="dataset mirror (default: HARNESS_MIRROR)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -250,18 +252,29 @@ def main(argv=None):
     device = device_name()
     warm_up()
     rows = []
+    arms = [f"trl-{c}" for c in configs] + ["harness"]
+
+    def run(arm, method, steps, out_dir):
+        with contextlib.redirect_stdout(io.StringIO()):
+            if arm == "harness":
+                return run_harness(method, task, dataclasses.replace(profile, max_steps=steps), examples,
+                                   model_path, out_dir)
+            return run_trl(arm[4:], method, task, texts, model_path, steps, out_dir, tokens_per_step)
+
     with tempfile.TemporaryDirectory() as tmp:
+        if a.warmup_steps and torch.cuda.is_available():
+            # One short unmeasured run of each arm first: Liger's Triton kernels compile on first use
+            # (on an H100 that made TRL's first run 1.7x slower than its second), and neither side's
+            # one-off compilation is what the comparison is about.
+            for method in methods:
+                for arm in arms:
+                    run(arm, method, a.warmup_steps, Path(tmp) / f"warm-{arm}-{method}")
+                    gc.collect()
+            print(f"[bench] warm-up done ({a.warmup_steps} steps of each arm, not measured)", file=sys.stderr)
         for r in range(a.rounds):
             for method in methods:
-                for arm in [f"trl-{c}" for c in configs] + ["harness"]:
-                    out_dir = Path(tmp) / f"{arm}-{method}-{r}"
-                    quiet = io.StringIO()
-                    with contextlib.redirect_stdout(quiet):
-                        if arm == "harness":
-                            res = run_harness(method, task, profile, examples, model_path, out_dir)
-                        else:
-                            res = run_trl(arm[4:], method, task, texts, model_path, a.steps, out_dir,
-                                          tokens_per_step)
+                for arm in arms:
+                    res = run(arm, method, a.steps, Path(tmp) / f"{arm}-{method}-{r}")
                     res.update(arm=arm, method=method, round=r + 1)
                     rows.append(res)
                     print(f"[bench] round {r + 1} {method} {arm}: {res['tokens'] / res['seconds']:,.0f} tok/s, "
@@ -271,11 +284,12 @@ def main(argv=None):
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     lines = [f"## Training throughput: harness vs TRL SFTTrainer ({device}, {date})", "",
              f"`scripts/bench_train.py --model {a.model} --methods {a.methods} --steps {a.steps} --rounds {a.rounds} "
-             f"--trl {','.join(configs)}`{f' --examples {a.examples}' if a.examples else ''}. "
+             f"--trl {','.join(configs)}{f' --examples {a.examples}' if a.examples else ''} --warmup-steps {a.warmup_steps}`. "
              f"Task `{task.name}`: {record['examples']} examples ({record['tokens']:,} tokens, "
              f"{record['answer_tokens']:,} answer tokens), effective batch {task.training.batch_size}, "
              f"max_length {task.training.max_length}, {a.steps} optimizer steps per run, {a.rounds} round(s) "
-             f"alternating {', '.join(f'trl-{c}' for c in configs)}, harness. torch {torch.__version__}, "
+             f"alternating {', '.join(f'trl-{c}' for c in configs)}, harness"
+             f"{f', after an unmeasured {a.warmup_steps}-step run of each' if a.warmup_steps and torch.cuda.is_available() else ''}. torch {torch.__version__}, "
              f"transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}. Tokens: real "
              "(unpadded) tokens of the batches each trainer's collator built; time: `trainer.train()` only. "
              "TRL configurations: see the script's docstring.", "",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs ON the lent H200 machine (see ../shared/device/README.md), after .device/c*/setup.sh:
 #   LIMIT_S=540 bash scripts/device_compare.sh RUN_ID METHODS [overrides...]
+#   CMD=sweep ... --grid-file F   runs `harness sweep` instead (arms with their own settings)
 #   SEED_BASELINES=1 ...   starts from the project's committed baselines/, as `make compare` would
 #                          (default: an empty baseline cache, so the base is evaluated too)
 # Results accumulate in /tmp/hr (kept while the machine stays warm, so a second call with the same
@@ -15,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 mkdir -p /tmp/hb
 [ "${SEED_BASELINES:-0}" = 1 ] && cp -rn baselines/. /tmp/hb/ && rm -f /tmp/hb/README.md
 start=$(date +%s)
-timeout "${LIMIT_S:-540}" python3 -m harness compare --task finance --methods "$methods" --profile full \
+timeout "${LIMIT_S:-540}" python3 -m harness "${CMD:-compare}" --task finance --methods "$methods" --profile full \
   --run-id "$run_id" --results-dir /tmp/hr --work-dir /tmp/hw --baselines-dir /tmp/hb "$@" 2>&1 \
   | tr '\r' '\n' | grep --line-buffered -v -E "it/s\]|s/it\]|examples/s\]" >> /tmp/hr-$run_id.log
 rc=${PIPESTATUS[0]}

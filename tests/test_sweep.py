@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -52,3 +53,18 @@ def test_sweep_one_point_per_grid_cell(tmp_path, tiny_model, tiny_task, mirror):
     assert r4 == 2 * r2  # LoRA parameters grow linearly with the rank
     assert (run_dir / "tradeoff.png").stat().st_size > 0
     assert "Learning vs forgetting" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("grid_file", sorted((Path(__file__).parent.parent / "tasks" / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_grid_files_load(grid_file):
+    """Every grid file the project ships still expands into arms whose settings the task config accepts (a
+    renamed config field breaks them at once, not after a long run has started)."""
+    from harness.config import load_task
+    from harness.sweep import load_grid_file
+
+    f = load_grid_file(grid_file)
+    arms = arms_from_grid(f.methods if f.grid else [], f.grid, f.common, f.arms)
+    assert arms
+    for arm in arms:
+        load_task("finance", list(arm.overrides))
