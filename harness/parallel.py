@@ -53,18 +53,23 @@ def arm_memory(method: str, n_params: int, task) -> int:
     return job_memory(method, n_params, optim=task.training.optim, kl=task.kl.enabled)
 
 
-def check_fits(needs: dict[str, float], totals: list[float], *, n_params: int) -> None:
+def check_fits(needs: dict[str, float], totals: list[float], *, n_params: int,
+               eight_bit: dict[str, float] | None = None) -> None:
     """Refuse, before anything starts, a job whose `job_memory` estimate exceeds every GPU's whole memory:
-    the estimate's weights, gradients and optimizer states alone would not fit, whatever else runs."""
+    the estimate's weights, gradients and optimizer states alone would not fit, whatever else runs.
+    `eight_bit`: a full arm's estimate with AdamW's moments in 8 bits, named first where that fits."""
     if not totals:
         return
     largest = max(totals)
     for name, need in needs.items():
         if need > largest:
+            alt = (eight_bit or {}).get(name)
+            fix = (f"training.optim=adamw_bnb_8bit (AdamW's moments in 8 bits) needs about {alt / GiB:.0f} GiB "
+                   "and fits; or " if alt is not None and alt <= largest else "")
             raise HarnessError(
                 f"{name}: needs about {need / GiB:.0f} GiB of GPU memory by the harness's estimate "
                 f"({n_params / 1e9:.2f} B parameters), more than the largest GPU here ({largest / GiB:.0f} GiB); "
-                "use lora or qlora, training.distributed=fsdp over several GPUs, or a smaller model")
+                f"{fix}use lora or qlora, training.distributed=fsdp over several GPUs, or a smaller model")
 
 
 def gpu_totals() -> list[float]:

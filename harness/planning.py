@@ -247,7 +247,11 @@ def prepare(spec: CompareSpec, arms: list[Arm], *, child: bool = False, only: tu
                  for a in mine}
         if not child:
             needs["base"] = parallel.job_memory("eval", n_params)
-        parallel.check_fits(needs, parallel.gpu_totals(), n_params=n_params)
+        eight_bit = {a.name: parallel.job_memory("full", n_params, optim="adamw_bnb_8bit",
+                                                 kl=p.arm_tasks[a.name].kl.enabled) / _shards(p.arm_tasks[a.name], a.method)
+                     for a in mine if a.method == "full"
+                     and parallel.optimizer_state_bytes(p.arm_tasks[a.name].training.optim) > 2}
+        parallel.check_fits(needs, parallel.gpu_totals(), n_params=n_params, eight_bit=eight_bit)
     _check_disk(n_params, mine, p.work_dir, snapshots={
         a.name: len(points.snapshot_steps(p.arm_tasks[a.name].training.eval_at, 1 << 30)) for a in mine},
         checkpoints={a.name: bool(p.arm_tasks[a.name].training.save_minutes or p.arm_tasks[a.name].training.save_steps)

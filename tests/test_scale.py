@@ -50,6 +50,17 @@ def test_a_job_no_gpu_can_hold_is_refused_with_the_figure():
     assert str(e.value).startswith("full: needs about 139 GiB of GPU memory by the harness's estimate (8.03 B parameters), "
                                    "more than the largest GPU here (80 GiB)")
     parallel.check_fits(needs, [140 * GiB], n_params=n)  # an H200 holds it
+    # Where 8-bit moments would fit, the refusal names that first (here, a 100 GiB card).
+    with pytest.raises(HarnessError) as e:
+        parallel.check_fits(needs, [100 * GiB], n_params=n,
+                            eight_bit={"full": parallel.job_memory("full", n, optim="adamw_bnb_8bit")})
+    assert str(e.value).endswith("(100 GiB); training.optim=adamw_bnb_8bit (AdamW's moments in 8 bits) needs "
+                                 "about 94 GiB and fits; or use lora or qlora, training.distributed=fsdp over "
+                                 "several GPUs, or a smaller model")
+    with pytest.raises(HarnessError) as e:  # and not where it would not
+        parallel.check_fits(needs, [80 * GiB], n_params=n,
+                            eight_bit={"full": parallel.job_memory("full", n, optim="adamw_bnb_8bit")})
+    assert "adamw_bnb_8bit" not in str(e.value)
     # AdamW's moments in 8 bits (training.optim=adamw_bnb_8bit): 12 bytes a parameter instead of 18.
     eight_bit = parallel.job_memory("full", n, optim="adamw_bnb_8bit")
     assert 93 * GiB < eight_bit < 94 * GiB
