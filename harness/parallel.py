@@ -48,9 +48,10 @@ def job_memory(kind: str, n_params: int, *, optim: str = "auto", kl: bool = Fals
     return max(evaluation, training)
 
 
-def arm_memory(method: str, n_params: int, task) -> int:
-    """`job_memory` of an arm, from its task config (the optimizer it trains with, whether KL is measured)."""
-    return job_memory(method, n_params, optim=task.training.optim, kl=task.kl.enabled)
+def arm_memory(method: str, n_params: int, task, *, optim: str | None = None) -> int:
+    """`job_memory` of an arm, from its task config (the optimizer it trains with, whether KL is measured);
+    `optim` puts another optimizer in its config's place (what an alternative would need)."""
+    return job_memory(method, n_params, optim=optim or task.training.optim, kl=task.kl.enabled)
 
 
 def check_fits(needs: dict[str, float], totals: list[float], *, n_params: int,

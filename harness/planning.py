@@ -243,13 +243,14 @@ def prepare(spec: CompareSpec, arms: list[Arm], *, child: bool = False, only: tu
         distributed.check(p.arm_tasks[arm.name], arm.method, p.profile, models.device_kind(),
                           where="" if arm.name == arm.method else f"arm {arm.name}: ")
     if models.device_kind() == "cuda":  # an arm or reference no GPU here can hold: refused now, with the figure
-        needs = {a.name: parallel.arm_memory(a.method, n_params, p.arm_tasks[a.name]) / _shards(p.arm_tasks[a.name], a.method)
-                 for a in mine}
+        def estimate(arm: Arm, **kw) -> float:
+            t = p.arm_tasks[arm.name]
+            return parallel.arm_memory(arm.method, n_params, t, **kw) / _shards(t, arm.method)
+
+        needs = {a.name: estimate(a) for a in mine}
         if not child:
             needs["base"] = parallel.job_memory("eval", n_params)
-        eight_bit = {a.name: parallel.job_memory("full", n_params, optim="adamw_bnb_8bit",
-                                                 kl=p.arm_tasks[a.name].kl.enabled) / _shards(p.arm_tasks[a.name], a.method)
-                     for a in mine if a.method == "full"
+        eight_bit = {a.name: estimate(a, optim="adamw_bnb_8bit") for a in mine if a.method == "full"
                      and parallel.optimizer_state_bytes(p.arm_tasks[a.name].training.optim) > 2}
         parallel.check_fits(needs, parallel.gpu_totals(), n_params=n_params, eight_bit=eight_bit)
     _check_disk(n_params, mine, p.work_dir, snapshots={

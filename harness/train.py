@@ -454,9 +454,10 @@ def release(trainer, model) -> None:
     the gradients (with CUDA graphs, buffers of the graphs' private pools), the graphs themselves.
     The Trainer, its callback handler and accelerate each keep a reference to the optimizer, and the
     Trainer itself can outlive this function (a traceback kept by a lazy import held run()'s frame in
-    a test), so each reference is dropped here rather than left to the Trainer's collection. Measured on an H100 before this: the arm's evaluation held the
-    training leftovers (1B full: 18.6 GB allocated to evaluate a 4.9 GB model; 8B LoRA: 25 GiB in the
-    graphs' pools, and its KL step, which loads the base beside it, ran out of memory)."""
+    a test), so each reference is dropped here rather than left to the Trainer's collection. Measured
+    on an H100 before this: the arm's evaluation held the training leftovers (1B full: 18.6 GB allocated
+    to evaluate a 4.9 GB model; 8B LoRA: 25 GiB in the graphs' pools, and its KL step, which loads the
+    base beside it, ran out of memory)."""
     import gc
 
     import torch

@@ -253,6 +253,7 @@ def main(argv=None):
     warm_up()
     rows = []
     arms = [f"trl-{c}" for c in configs] + ["harness"]
+    warmed = bool(a.warmup_steps) and torch.cuda.is_available()
 
     def run(arm, method, steps, out_dir):
         with contextlib.redirect_stdout(io.StringIO()):
@@ -262,7 +263,7 @@ def main(argv=None):
             return run_trl(arm[4:], method, task, texts, model_path, steps, out_dir, tokens_per_step)
 
     with tempfile.TemporaryDirectory() as tmp:
-        if a.warmup_steps and torch.cuda.is_available():
+        if warmed:
             # One short unmeasured run of each arm first: Liger's Triton kernels compile on first use
             # (on an H100 that made TRL's first run 1.7x slower than its second), and neither side's
             # one-off compilation is what the comparison is about.
@@ -289,7 +290,8 @@ def main(argv=None):
              f"{record['answer_tokens']:,} answer tokens), effective batch {task.training.batch_size}, "
              f"max_length {task.training.max_length}, {a.steps} optimizer steps per run, {a.rounds} round(s) "
              f"alternating {', '.join(f'trl-{c}' for c in configs)}, harness"
-             f"{f', after an unmeasured {a.warmup_steps}-step run of each' if a.warmup_steps and torch.cuda.is_available() else ''}. torch {torch.__version__}, "
+             f"{f', after an unmeasured {a.warmup_steps}-step run of each' if warmed else ''}. "
+             f"torch {torch.__version__}, "
              f"transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}. Tokens: real "
              "(unpadded) tokens of the batches each trainer's collator built; time: `trainer.train()` only. "
              "TRL configurations: see the script's docstring.", "",
