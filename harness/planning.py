@@ -127,13 +127,7 @@ def plan(spec: CompareSpec, arms: list[Arm], *, child: bool = False) -> Plan:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", run_id):
         raise HarnessError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only")
     run_dir = Path(spec.results_dir) / task.name / run_id
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"  # jobs of one run probe at once
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise HarnessError(f"results directory {run_dir}: not writable ({e.strerror})") from None
+    _check_writable(run_dir)
     rows = {}
     for key, arm_task in {input_hash(to_dict(t.train)): t for t in arm_tasks.values()}.items():
         if not child:
@@ -206,8 +200,18 @@ class Run:
         return record is not None and record.inputs == inputs and record.status == "done"
 
     def save(self) -> None:
-        if self.record is not None:
+        if self.record is not None:  # the run's folder is made here (harness/planning.py: _check_writable)
             records.write(self.run_dir / "config.json", self.record)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run's folder must be creatable, but is made only by Run.save, once every check passed:
+    a refused run leaves no empty folder behind to look like a run."""
+    existing = next(d for d in (run_dir, *run_dir.parents) if d.exists())
+    if not existing.is_dir():
+        raise HarnessError(f"results directory {run_dir}: not writable ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):  # access() also answers no on a read-only mount
+        raise HarnessError(f"results directory {run_dir}: not writable (no write permission in {existing})")
 
 
 def read_or_none(path: Path, reader):

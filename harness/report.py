@@ -54,6 +54,7 @@ def run(run_dir: Path) -> Path:
             "train": arm["train"], "eval_seconds": arm["eval_seconds"], "perplexity": arm["perplexity"],
             "eval_resources": arm["eval_resources"], "baseline": arm["baseline"],
             "kl": _kl_summary(arm["kl"], seed),
+            "kl_resources": {k: v for k, v in (arm["kl"] or {}).items() if not isinstance(v, dict)} or None,
             "lm_eval": _lm_eval_results(arm),
             **({"point": arm["point"]} if arm["point"] else {}),
         }
@@ -1004,6 +1005,8 @@ def _resources(metrics: dict) -> list[tuple]:
         if reused.get("tasks"):  # read from baselines/ instead of evaluated again
             row[2] += f"; {len(reused['tasks'])} tasks reused from baselines/ (saved {_s(reused['saved_seconds'])})"
         rows.append(row)
+        if a.get("kl_resources"):  # the base's second copy beside the arm: the stage's own peak
+            rows.append(_stage_row(_lab(metrics, arm), "KL to base", a["kl_resources"], ""))
         if t:
             saved = t.get("saved") or {}
             what = "full checkpoint" if t["method"] == "full" else "adapter"

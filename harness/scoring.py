@@ -8,7 +8,6 @@ of them are measured the same way on the same documents.
 from __future__ import annotations
 
 import gc
-import time
 from pathlib import Path
 
 from harness import distributed, drift, evaluate, models, records, resources
@@ -60,19 +59,23 @@ def kl_to_base(run: Run, name: str, model) -> dict | None:
     sources["domain"] = (task.kl.domain_task or task.train.format_task, _min(profile.limit, profile.kl_documents))
     texts = {k: (t, evaluate.kl_documents(t, mirror=run.plan.mirror, limit=lim, seed=task.training.seed))
              for k, (t, lim) in sources.items()}
-    start = time.perf_counter()
-    base_model = models.load_base(run.resolved.path)
-    tokenizer = models.load_tokenizer(run.resolved.path)
     out = {}
-    for k, (t, docs) in texts.items():
-        per_doc = drift.kl_per_document(base_model, model, tokenizer, docs, max_tokens=task.kl.max_tokens)
-        out[k] = {"task": t, "max_tokens": task.kl.max_tokens, "docs": per_doc}
-    del base_model
-    gc.collect()
-    free_gpu()
+    # Measured as a stage of its own: it holds a second copy of the base beside the arm, the peak
+    # that decides whether an arm fits (at 8B, 32 GB more than its evaluation).
+    with resources.measure() as measured:
+        base_model = models.load_base(run.resolved.path)
+        tokenizer = models.load_tokenizer(run.resolved.path)
+        footprint = resources.footprint_bytes(base_model) + resources.footprint_bytes(model)
+        for k, (t, docs) in texts.items():
+            per_doc = drift.kl_per_document(base_model, model, tokenizer, docs, max_tokens=task.kl.max_tokens)
+            out[k] = {"task": t, "max_tokens": task.kl.max_tokens, "docs": per_doc}
+        del base_model
+        gc.collect()
+        free_gpu()
     summary = ", ".join(f"{k} {drift.mean_kl(v['docs']):.4g}" for k, v in out.items())
-    log(f"{name}: KL(base || {name}) per token: {summary} ({time.perf_counter() - start:.0f}s)")
-    return {**out, "seconds": time.perf_counter() - start}
+    log(f"{name}: KL(base || {name}) per token: {summary} ({measured.result['seconds']:.0f}s)")
+    # Sources are the dict values; the stage's figures sit beside them as plain values.
+    return {**out, **measured.result, "model_footprint_bytes": footprint}
 
 
 def evaluate_and_record(run: Run, name: str, model, inputs: str, train_stats: dict | None,

@@ -232,8 +232,9 @@ def test_bad_input(case, build, expected, tmp_path, tiny_model, tiny_task, mirro
     assert result.exception is None or isinstance(result.exception, SystemExit)
     for words in expected:
         assert words in error, f"{words!r} not in {error!r}"
-    # Nothing recorded as done: no config, arm record, report or trained weights.
-    assert not [p for p in (tmp_path / "r").rglob("*") if p.is_file()]
+    # Nothing recorded as done: no config, arm record, report or trained weights; not even an
+    # empty run folder, which `ls results/finance` would show as a run.
+    assert not list((tmp_path / "r").rglob("*"))
     assert not list((tmp_path / "w").rglob("train.json")) or case.startswith("corrupt")
 
 

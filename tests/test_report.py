@@ -44,6 +44,8 @@ def test_resources_table_has_every_arm_and_stage(run):
     assert "| base | eval |" in resources
     for arm in ("full", "lora", "qlora"):
         assert f"| {arm} | train |" in resources and f"| {arm} | eval |" in resources, arm
+        kl_row = next(r for r in resources.splitlines() if r.startswith(f"| {arm} | KL to base |"))
+        assert "–" not in kl_row.split("|")[7], kl_row  # peak RSS recorded (CPU's measure)
         assert f"| {arm} | " in resources.split("### Parameters and storage")[1], arm
     assert "full checkpoint" in resources and "adapter" in resources and "4-bit NF4" in resources
 
