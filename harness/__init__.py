@@ -6,8 +6,8 @@ the imports have no cycle (tests/test_pipeline.py reads every import, lazy ones 
 - foundation: configs as dataclasses (config), what a run may do (context), the run directory's
   typed records (records), atomic files and logging (io), datasets and the mirror (data), memory
   and time (resources), statistics (stats), plots and HTML (plots, render), job scheduling (parallel)
-- backends, thin wrappers over transformers, peft, bitsandbytes, accelerate and lm-eval: models, train,
-  distributed (an arm over several devices), drift,
+- backends, thin wrappers over transformers, peft, bitsandbytes, accelerate and lm-eval: models,
+  memory (what a job needs on a GPU, before it loads), train, distributed (an arm over several devices), drift,
   points, replay, evaluate with its lm-eval model class and patches (fastlm, answer, lm_eval_patches),
   evalplan, baselines, provenance
 - stages of a compare: planning -> references and arms (both through scoring) -> report
@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 
 LAYERS = {
     "foundation": ("config", "context", "records", "io", "data", "resources", "stats", "plots", "render", "parallel"),
-    "backends": ("models", "train", "distributed", "drift", "points", "replay", "evaluate", "fastlm", "answer", "lm_eval_patches",
-                 "evalplan", "baselines", "provenance"),
+    "backends": ("models", "memory", "train", "distributed", "drift", "points", "replay", "evaluate", "fastlm", "answer",
+                 "lm_eval_patches", "evalplan", "baselines", "provenance"),
     "stages": ("planning", "scoring", "references", "arms", "report"),
     "pipeline": ("pipeline",),
     "tools": ("sweep", "adapters", "merge", "profile", "cli", "__main__"),

@@ -148,13 +148,18 @@ def _train(run: Run, arm: Arm, examples: list, arm_dir: Path, inputs: str, repla
         micro = arm_task.methods[arm.method].micro_batch_size
         if not resources.is_out_of_memory(e) or micro <= 1:
             raise
+        retry = {"error": str(e).splitlines()[0][:300], "micro_batch_size_from": micro, "micro_batch_size_to": micro // 2}
+    if retry is not None:
+        # Retried outside the except block: there, the exception's traceback still holds the failed
+        # attempt's frames (its model, gradients and optimizer state), and the retry would load a
+        # second model beside them. At 8B full fine-tuning on an H100 that was 76 GiB: the retry ran
+        # out of memory loading the model, before its first step.
         gc.collect()
         scoring.free_gpu()
-        half = dataclasses.replace(arm_task.methods[arm.method], micro_batch_size=micro // 2)
+        half = dataclasses.replace(arm_task.methods[arm.method], micro_batch_size=retry["micro_batch_size_to"])
         arm_task = dataclasses.replace(arm_task, methods={**arm_task.methods, arm.method: half})
-        retry = {"error": str(e).splitlines()[0][:300], "micro_batch_size_from": micro, "micro_batch_size_to": micro // 2}
-        log(f"{arm.name}: out of memory at micro-batch {micro}; retrying once at {micro // 2} with twice the "
-            "gradient accumulation (same effective batch)")
+        log(f"{arm.name}: out of memory at micro-batch {retry['micro_batch_size_from']}; retrying once at "
+            f"{retry['micro_batch_size_to']} with twice the gradient accumulation (same effective batch)")
         shutil.rmtree(arm_dir / "trainer", ignore_errors=True)  # its checkpoints belong to the other micro-batch
         result = train.run(arm.method, task=arm_task, **kw)
     return _record_trained(arm, arm_dir, inputs, result.model, result.stats, retry=retry, replayed=replayed)

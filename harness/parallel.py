@@ -28,45 +28,18 @@ SHARED_DEVICE_ENV = "HARNESS_SHARED_DEVICE"  # set in each child: resources.meas
 GiB = 2**30
 
 
-def optimizer_state_bytes(optim: str) -> int:
-    """Bytes per trained parameter of the optimizer's state: AdamW's two fp32 moments, or two 8-bit ones
-    (bitsandbytes' *8bit optimizers, block-wise quantized)."""
-    return 2 if "8bit" in optim else 8
-
-
-def job_memory(kind: str, n_params: int, *, optim: str = "auto", kl: bool = False) -> int:
-    """Rough peak GPU bytes of one job on a model of `n_params`: the larger of its training and its
-    evaluation. Evaluation: fp32 weights plus the harness's 8 GiB scoring budget (fastlm) and slack;
-    with `kl` (an arm's KL(base || arm), harness/scoring.py), the fp32 base beside it. Training: full
-    fine-tuning holds fp32 weights, gradients, the optimizer's state (8 bytes a parameter for AdamW,
-    2 for an 8-bit one) and, under bf16 autocast, a bf16 copy of the weights for the step (18 bytes a
-    parameter with AdamW); adapters train over a frozen fp32 (lora) or 4-bit (qlora) base. Activations:
-    a few GiB."""
-    evaluation = (8 if kl else 4) * n_params + 9 * GiB
-    full = (4 + 4 + optimizer_state_bytes(optim) + 2) * n_params
-    training = {"full": full + 4 * GiB, "lora": 4 * n_params + 4 * GiB, "qlora": n_params + 4 * GiB}.get(kind, 0)
-    return max(evaluation, training)
-
-
-def arm_memory(method: str, n_params: int, task, *, optim: str | None = None) -> int:
-    """`job_memory` of an arm, from its task config (the optimizer it trains with, whether KL is measured);
-    `optim` puts another optimizer in its config's place (what an alternative would need)."""
-    return job_memory(method, n_params, optim=optim or task.training.optim, kl=task.kl.enabled)
-
-
 def check_fits(needs: dict[str, float], totals: list[float], *, n_params: int,
-               eight_bit: dict[str, float] | None = None) -> None:
-    """Refuse, before anything starts, a job whose `job_memory` estimate exceeds every GPU's whole memory:
-    the estimate's weights, gradients and optimizer states alone would not fit, whatever else runs.
-    `eight_bit`: a full arm's estimate with AdamW's moments in 8 bits, named first where that fits."""
+               alternatives: dict[str, list[tuple[str, float]]] | None = None) -> None:
+    """Refuse, before anything starts, a job whose estimate (harness/memory.py) exceeds every GPU's whole
+    memory: it would not fit, whatever else runs. `alternatives`: per job, settings that would shrink it
+    and their estimates, in the order to suggest them; the first that fits is named in the refusal."""
     if not totals:
         return
     largest = max(totals)
     for name, need in needs.items():
         if need > largest:
-            alt = (eight_bit or {}).get(name)
-            fix = (f"training.optim=adamw_bnb_8bit (AdamW's moments in 8 bits) needs about {alt / GiB:.0f} GiB "
-                   "and fits; or " if alt is not None and alt <= largest else "")
+            fits = [(setting, alt) for setting, alt in (alternatives or {}).get(name, []) if alt <= largest]
+            fix = "".join(f"{setting} needs about {alt / GiB:.0f} GiB and fits; or " for setting, alt in fits[:1])
             raise HarnessError(
                 f"{name}: needs about {need / GiB:.0f} GiB of GPU memory by the harness's estimate "
                 f"({n_params / 1e9:.2f} B parameters), more than the largest GPU here ({largest / GiB:.0f} GiB); "
@@ -95,7 +68,7 @@ def parse_jobs(requested: str | int) -> int | None:
 
 def concurrency(requested: str | int, *, needs: list[int], device: str) -> int:
     """How many jobs run at once. An integer is taken as given. `auto`: one on CPU (a 2-core machine
-    gains nothing); on GPUs, as many as fit at once by `job_memory` in 85% of each GPU's free memory
+    gains nothing); on GPUs, as many as fit at once by their estimates (harness/memory.py) in 85% of each GPU's free memory
     (placed as `Placer` places them), at most one per two CPU cores (each job is one busy Python
     thread plus tokenizer threads)."""
     n = parse_jobs(requested)
@@ -122,7 +95,7 @@ def gpu_capacity() -> list[float]:
 
 
 class Placer:
-    """Which GPU a job runs on. Each GPU holds jobs while their `job_memory` estimates fit in its
+    """Which GPU a job runs on. Each GPU holds jobs while their memory estimates fit in its
     capacity, so small jobs pack several to a GPU and a sweep of large arms gets one GPU each; a job
     larger than any GPU's capacity runs alone on an empty one (the estimate is rough; an
     out-of-memory error then retries the arm with half the micro-batch, as on one device).

@@ -74,8 +74,7 @@ def _run_jobs(run: Run, names: list[str]) -> None:
     pending = [a for a in sorted(run.arms, key=lambda a: ("qlora", "lora", "full").index(a.method))
                if arm_stage.pending(run, a)]
     pending_refs = [r for r in references.of(run) if not run.done(r.name, r.inputs) and not references.cached(run, r)]
-    needs = ([parallel.arm_memory(a.method, run.n_params, run.plan.arm_tasks[a.name]) for a in pending]
-             + [parallel.job_memory("eval", run.n_params) for _ in pending_refs])
+    needs = [run.needs[a.name] for a in pending] + [run.needs["base"] for _ in pending_refs]
     device = models.device_kind()
     n = parallel.concurrency(run.spec.jobs, needs=needs, device=device)
     if n > 1 and spans_devices(run):  # a job placed on one GPU would hide the others from its launch

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import (baselines, context, distributed, evalplan, evaluate, models, parallel, points, provenance, records,
-                     replay)
+from harness import (baselines, context, distributed, evalplan, evaluate, memory, models, parallel, points, provenance,
+                     records, replay, train)
 from harness.config import METHODS, PROJECT_ROOT, HarnessError, MethodName, TaskConfig, load_task, to_dict
 from harness.data import mirror_dir
 from harness.io import environment, log, remove_partial
@@ -166,6 +166,7 @@ class Run:
     points: dict[str, list[points.Point]]
     record: records.RunRecord | None
     examples: dict = field(default_factory=dict)  # tokenized training data per data setting (harness/arms.py)
+    needs: dict[str, float] = field(default_factory=dict)  # GPU bytes per job by harness/memory.py; "base": a reference
 
     @property
     def child(self) -> bool:
@@ -246,17 +247,10 @@ def prepare(spec: CompareSpec, arms: list[Arm], *, child: bool = False, only: tu
     for arm in mine:  # training.distributed: accelerate, processes against devices, what FSDP can shard
         distributed.check(p.arm_tasks[arm.name], arm.method, p.profile, models.device_kind(),
                           where="" if arm.name == arm.method else f"arm {arm.name}: ")
+    needs = _needs(resolved.path, n_params, mine, p, child=child)
     if models.device_kind() == "cuda":  # an arm or reference no GPU here can hold: refused now, with the figure
-        def estimate(arm: Arm, **kw) -> float:
-            t = p.arm_tasks[arm.name]
-            return parallel.arm_memory(arm.method, n_params, t, **kw) / _shards(t, arm.method)
-
-        needs = {a.name: estimate(a) for a in mine}
-        if not child:
-            needs["base"] = parallel.job_memory("eval", n_params)
-        eight_bit = {a.name: estimate(a, optim="adamw_bnb_8bit") for a in mine if a.method == "full"
-                     and parallel.optimizer_state_bytes(p.arm_tasks[a.name].training.optim) > 2}
-        parallel.check_fits(needs, parallel.gpu_totals(), n_params=n_params, eight_bit=eight_bit)
+        alternatives = {a.name: _alternatives(resolved.path, n_params, a, p) for a in mine if a.method == "full"}
+        parallel.check_fits(needs, parallel.gpu_totals(), n_params=n_params, alternatives=alternatives)
     _check_disk(n_params, mine, p.work_dir, snapshots={
         a.name: len(points.snapshot_steps(p.arm_tasks[a.name].training.eval_at, 1 << 30)) for a in mine},
         checkpoints={a.name: bool(p.arm_tasks[a.name].training.save_minutes or p.arm_tasks[a.name].training.save_steps)
@@ -280,7 +274,7 @@ def prepare(spec: CompareSpec, arms: list[Arm], *, child: bool = False, only: tu
               "kl": to_dict(task.kl) | {"documents": profile.kl_documents} if task.kl.enabled else None}
     point_list = {a.name: points.of(a.name, a.method, p.arm_tasks[a.name]) for a in arms}
     record = None if child else _run_record(spec, arms, p, resolved, runs, has_chat, point_list)
-    run = Run(spec, arms, p, resolved, n_params, runs, eval_kw, ppl_kw, common, point_list, record)
+    run = Run(spec, arms, p, resolved, n_params, runs, eval_kw, ppl_kw, common, point_list, record, needs=needs)
     run.save()
     return run
 
@@ -290,6 +284,39 @@ def _shards(task: TaskConfig, method: str) -> int:
     if task.training.distributed != "fsdp":
         return 1
     return distributed.processes(task, "cuda")
+
+
+def _arm_need(model_dir: str, n_params: int, arm: Arm, p: Plan, **alternative) -> float:
+    """An arm's GPU bytes per device by harness/memory.py, from the architecture and the arm's own settings
+    (or those `alternative` puts in their place: optim, cuda_graphs)."""
+    t = p.arm_tasks[arm.name]
+    return memory.arm_bytes(arm.method, model_dir, n_params, t, **alternative) / _shards(t, arm.method)
+
+
+def _alternatives(model_dir: str, n_params: int, arm: Arm, p: Plan) -> list[tuple[str, float]]:
+    """What would shrink a full arm that does not fit, smallest change first: AdamW's moments in 8 bits
+    (bitsandbytes), then steps without CUDA graphs (whose pool keeps gradients and activations between
+    steps), then both."""
+    t = p.arm_tasks[arm.name]
+    eight = "8bit" not in t.training.optim
+    graphs = train.wants_graphs(t)
+    options = []
+    if eight:
+        options.append(("training.optim=adamw_bnb_8bit (AdamW's moments in 8 bits)", dict(optim="adamw_bnb_8bit")))
+    if graphs:
+        options.append(("training.cuda_graphs=false (eager steps)", dict(cuda_graphs=False)))
+    if eight and graphs:
+        options.append(("training.optim=adamw_bnb_8bit training.cuda_graphs=false",
+                        dict(optim="adamw_bnb_8bit", cuda_graphs=False)))
+    return [(label, _arm_need(model_dir, n_params, arm, p, **kw)) for label, kw in options]
+
+
+def _needs(model_dir: str, n_params: int, arms: list[Arm], p: Plan, *, child: bool) -> dict[str, float]:
+    """Each job's GPU bytes: the arms', and (in the parent) a reference evaluation's as "base"."""
+    needs = {a.name: _arm_need(model_dir, n_params, a, p) for a in arms}
+    if not child:
+        needs["base"] = memory.eval_bytes(n_params)
+    return needs
 
 
 def _run_record(spec: CompareSpec, arms: list[Arm], p: Plan, resolved, runs, has_chat: bool,

@@ -20,14 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import models, resources
+from harness import memory, models, resources
 from harness.config import METHODS, HarnessError, TaskConfig
 from harness.io import write_json, write_text
 
 PRESETS = models.ARCH_PRESETS  # LlamaConfig kwargs of published architectures (harness/models.py)
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 PRECISIONS = ("bf16", "fp32-master")
-LORA_DROPOUT = 0.05  # the harness's default (config.TaskConfig.lora)
+LORA_DROPOUT = memory.LORA_DROPOUT
 SAVE_FULL_BELOW = 1e9  # write and measure full checkpoints of smaller models; estimate bigger ones
 GiB = 2**30
 
@@ -71,7 +71,7 @@ def run(*, arch: str, methods: list[str], batch: int, seq: int, rank: int, targe
     tgt = "all-linear" if list(targets) == ["all-linear"] else list(targets)
     lora = {"r": rank, "lora_alpha": 2 * rank, "lora_dropout": LORA_DROPOUT, "target_modules": tgt}
     quant = {f.name: f for f in dataclasses.fields(TaskConfig)}["quant"].default_factory()  # the harness default
-    shape = _shape(config, tgt, rank, arch)
+    shape = memory.shape(config, tgt, rank, label=arch, flag="--targets")
     cuda = models.device_kind() == "cuda"
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
@@ -87,7 +87,7 @@ def run(*, arch: str, methods: list[str], batch: int, seq: int, rank: int, targe
         base = _write_random(config, Path(tmp) / "base", cuda)
         for method in methods:
             row = _profile_method(method, str(base), result["settings"], config.vocab_size, save_dir, Path(tmp))
-            row["estimate"] = estimate(shape, method, result["settings"])
+            row["estimate"] = memory.estimate(shape, method, result["settings"])
             result["rows"].append(row)
             _free(cuda)
             if cuda:  # what the next method starts with: ~0 when this one's model and optimizer were released
@@ -122,38 +122,6 @@ def _check(methods, *, batch, seq, rank, targets, steps, optimizer, precision, c
     if max_pos and seq > max_pos:
         raise HarnessError(f"--seq {seq}: longer than the architecture's max_position_embeddings {max_pos}")
     return methods
-
-
-def _shape(config, targets, rank: int, arch: str) -> dict:
-    """Counts from the architecture built on the meta device (no memory): all parameters, the linear
-    weights bitsandbytes quantizes (every nn.Linear but lm_head), the LoRA parameters peft adds."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
-    def hits(t):  # peft's rule: the full name, or its dotted suffix
-        return {n: m for n, m in linears.items() if n == t or n.endswith("." + t)}
-    if targets == "all-linear":
-        hit = linears
-    else:
-        missing = [t for t in targets if not hits(t)]
-        if missing:
-            names = sorted({n.rsplit(".", 1)[-1] for n in linears})
-            raise HarnessError(f"--targets {missing[0]}: no such linear module in {arch}; valid: "
-                               f"{', '.join(names)}, all-linear")
-        hit = {n: m for t in targets for n, m in hits(t).items()}
-    h, layers = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    return {
-        "total": sum(p.numel() for p in model.parameters()),
-        "quantizable": sum(m.weight.numel() for m in linears.values()),
-        "lora": sum(rank * (m.in_features + m.out_features) for m in hit.values()),
-        "lora_in_per_layer": sum(m.in_features for m in hit.values()) // layers,
-        "layers": layers, "hidden": h, "intermediate": getattr(config, "intermediate_size", None) or 4 * h,
-        "kv_dim": h // heads * (getattr(config, "num_key_value_heads", None) or heads), "vocab": config.vocab_size,
-    }
 
 
 def _write_random(config, path: Path, cuda: bool) -> Path:
@@ -267,59 +235,6 @@ def _saved_size(model, method, total, save_dir, tmp) -> dict:
     return {key: saved["bytes"], "saved_dtype": saved["dtype"], "saved_path": str(out) if save_dir else None}
 
 
-# ---------------------------------------------------------------- the analytic estimate
-
-
-def estimate(shape: dict, method: str, st: dict) -> dict:
-    """Bytes by component for the way _profile_method trains with settings `st` (a Llama decoder).
-
-    weights: as stored (fp32 4 B, bf16 2 B, NF4 4.127 bits with double quantization, 4.5 without); an
-      fp32 trainable weight under GPU autocast counts 2 B here (the bf16 copy autocast computes with)
-      and 4 B as `master` (the fp32 copy the optimizer updates). grads: trainable x their dtype.
-    optimizer: torch AdamW keeps 2 states in the parameter's dtype (2 x 2 B bf16, 2 x 4 B fp32); 8-bit 2 x 1 B.
-    activations: Korthikanti et al. 2022 count 34*s*b*h + 5*a*s^2*b bytes per GPT layer in 16-bit; for a
-      Llama layer (no dropout, SwiGLU, GQA, fp32 RMSNorm, SDPA keeps no s^2 scores) that is, per token,
-      A*(6h + 2kv + 4i) + 8h with A = 2 B (autocast or bf16 weights) or 4; plus LoRA dropout's copy of
-      each targeted input ((A+1) B a feature); plus logits, their fp32 copy and log-softmax ((A+8) B x
-      vocab). With gradient checkpointing: each layer's input, and one layer recomputed at a time.
-    total: the sum, an upper bound. peak: the larger of end of forward (weights, master, optimizer,
-      activations) and optimizer step (weights less autocast's copies, master, optimizer, grads).
-    """
-    P, A, L, cuda = shape["total"], shape["lora"], shape["layers"], st["autocast"] is not None
-    h, i, kv, V = shape["hidden"], shape["intermediate"], shape["kv_dim"], shape["vocab"]
-    stored = 4 if st["precision"] == "fp32-master" else 2
-    trainable, t_bytes = (P, stored) if method == "full" else (A, 4)  # peft keeps adapters in fp32
-    if method == "qlora":
-        bits = 4 + (8 / 64 + 32 / (64 * 256) if st["quant"].get("bnb_4bit_use_double_quant") else 32 / 64)
-        weights = shape["quantizable"] * bits / 8 + (P - shape["quantizable"]) * stored
-    else:
-        weights = 0 if method == "full" else P * stored
-    master = cache = 0
-    if cuda and t_bytes == 4:
-        cache, master = trainable * 2, trainable * 4
-    else:
-        weights += trainable * t_bytes
-    if cuda and method == "lora" and stored == 4 and not st["gradient_checkpointing"]:
-        cache += shape["quantizable"] * 2  # autograd keeps the bf16 cast of each frozen fp32 weight for backward
-    weights += cache
-    grads = trainable * t_bytes
-    opt = trainable * (2 if st["optimizer"] == "paged_adamw_8bit" else 2 * t_bytes)
-    a, tokens = (2 if cuda or stored == 2 else 4), st["batch"] * st["seq"]
-    layer = tokens * (a * (6 * h + 2 * kv + 4 * i) + 8 * h)
-    if method != "full" and LORA_DROPOUT > 0:
-        layer += tokens * (a + 1) * shape["lora_in_per_layer"]
-    layers = L * tokens * h * stored + layer if st["gradient_checkpointing"] else L * layer
-    parts = {"weights": weights, "grads": grads, "optimizer": opt, "master": master,
-             "activations": layers + tokens * V * (a + 8)}
-    parts = {k: int(v) for k, v in parts.items()}
-    held = parts["master"] + parts["optimizer"]
-    parts.update(total=sum(parts.values()),
-                 peak=max(parts["weights"] + held + parts["activations"], parts["weights"] - cache + held + grads),
-                 storage=int(trainable * t_bytes),  # adapter (fp32) or full checkpoint in its dtype
-                 trainable_params=int(trainable))
-    return parts
-
-
 # ---------------------------------------------------------------- the report
 
 
@@ -399,7 +314,7 @@ def render_md(result: dict) -> str:
                                                             "total", "peak"))
         measured = _gib(r["peak_allocated_bytes"] if gpu else r["peak_rss_bytes"])
         out.append(f"| {r['method']} | {cells} | {measured}{' (failed)' if r['failed'] else ''} |")
-    out += ["", "Formulas: `harness.profile.estimate`. Measured on GPU: the CUDA allocator's peak (NVML adds the CUDA "
+    out += ["", "Formulas: `harness.memory.estimate`. Measured on GPU: the CUDA allocator's peak (NVML adds the CUDA "
             "context, and paged 8-bit optimizer states, which live in unified memory outside the allocator). On CPU: "
             "the whole process's peak RSS during the steps, libraries included."]
     return "\n".join(out) + "\n"

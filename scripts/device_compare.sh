@@ -4,6 +4,8 @@
 #   CMD=sweep ... --grid-file F   runs `harness sweep` instead (arms with their own settings)
 #   SEED_BASELINES=1 ...   starts from the project's committed baselines/, as `make compare` would
 #                          (default: an empty baseline cache, so the base is evaluated too)
+# Progress bars are dropped from the log; a [harness] line printed after a bar's last update
+# (no newline between them) is split off first, so it is kept.
 # Results accumulate in /tmp/hr (kept while the machine stays warm, so a second call with the same
 # RUN_ID resumes). The compare is stopped after LIMIT_S seconds (default 540, under the device's
 # 10-minute call limit), and every call, finished or not, copies the run's report files to $OUT,
@@ -18,7 +20,8 @@ mkdir -p /tmp/hb
 start=$(date +%s)
 timeout "${LIMIT_S:-540}" python3 -m harness "${CMD:-compare}" --task finance --methods "$methods" --profile full \
   --run-id "$run_id" --results-dir /tmp/hr --work-dir /tmp/hw --baselines-dir /tmp/hb "$@" 2>&1 \
-  | tr '\r' '\n' | grep --line-buffered -v -E "it/s\]|s/it\]|examples/s\]" >> /tmp/hr-$run_id.log
+  | tr '\r' '\n' | sed -u 's/\[harness /\n[harness /g' \
+  | grep --line-buffered -v -E "it/s\]|s/it\]|examples/s\]" >> /tmp/hr-$run_id.log
 rc=${PIPESTATUS[0]}
 echo "this call: $(( $(date +%s) - start ))s, exit $rc" | tee -a /tmp/hr-$run_id.log
 grep -E "^\[harness|Error|error|Traceback" /tmp/hr-$run_id.log | tail -40
