@@ -68,9 +68,9 @@ def parse_jobs(requested: str | int) -> int | None:
 
 def concurrency(requested: str | int, *, needs: list[int], device: str) -> int:
     """How many jobs run at once. An integer is taken as given. `auto`: one on CPU (a 2-core machine
-    gains nothing); on GPUs, as many as fit at once by their estimates (harness/memory.py) in 85% of each GPU's free memory
-    (placed as `Placer` places them), at most one per two CPU cores (each job is one busy Python
-    thread plus tokenizer threads)."""
+    gains nothing); on GPUs, as many as fit at once by their estimates (harness/memory.py) in 85% of
+    each GPU's free memory (placed as `Placer` places them), at most one per two CPU cores (each job is
+    one busy Python thread plus tokenizer threads)."""
     n = parse_jobs(requested)
     if n is not None:
         return n

@@ -280,10 +280,10 @@ def prepare(spec: CompareSpec, arms: list[Arm], *, child: bool = False, only: tu
 
 
 def _shards(task: TaskConfig, method: str) -> int:
-    """Over how many GPUs an arm's training state is spread (training.distributed=fsdp), for the fit check."""
+    """Over how many devices an arm's training state is spread (training.distributed=fsdp), for its estimate."""
     if task.training.distributed != "fsdp":
         return 1
-    return distributed.processes(task, "cuda")
+    return distributed.processes(task, models.device_kind())
 
 
 def _arm_need(model_dir: str, n_params: int, arm: Arm, p: Plan, **alternative) -> float:
