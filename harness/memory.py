@@ -25,8 +25,8 @@ GiB = 2**30
 # torch's reserved peak was 1.3-1.5 GB for every stage measured on an H100 (results/scale).
 CUDA_CONTEXT = 3 * GiB // 2
 # The caching allocator's blocks reserved but not allocated at the peak: 2-11% of the peak allocated over
-# the training stages measured at 1B and 8B (results/scale); the activations' padding to max_length
-# covers the rest.
+# the training stages measured at 1B and 8B (results/scale; 4% for 8B full fine-tuning, where the
+# activations' padding to max_length, generous elsewhere, is a small part of the total).
 ALLOCATOR_SLACK = 0.05
 # Evaluation: the harness's scoring budget (harness/fastlm.py: 8 GiB of logits and activations per
 # batch) and slack, beside fp32 weights. Measured: 1B base 12.3 GB, 8B base 40.4 GB allocated.
@@ -85,19 +85,18 @@ def estimate(shape: dict, method: str, st: dict) -> dict:
       and 4 B as `master` (the fp32 copy the optimizer updates). grads: trainable x their dtype.
     optimizer: AdamW keeps 2 states in the parameter's dtype (2 x 2 B bf16, 2 x 4 B fp32); an 8-bit one
       (bitsandbytes, `*8bit*`) 2 x 1 B, but 2 x 4 B for the token embeddings, which HF Trainer keeps in
-      32 bits (8B: 3.2 GB more; without it, 8B full fine-tuning was estimated to fit an 80 GB H100
-      and measured 78 GiB allocated before it ran out).
+      32 bits (8B: 3.2 GB more; without it, 8B full fine-tuning was estimated to fit an 80 GB H100,
+      and ran out there at 78 GiB allocated).
     activations: Korthikanti et al. 2022 count 34*s*b*h + 5*a*s^2*b bytes per GPT layer in 16-bit; for a
       Llama layer (no dropout, SwiGLU, GQA, fp32 RMSNorm, SDPA keeps no s^2 scores) that is, per token,
       A*(6h + 2kv + 4i) + 8h with A = 2 B (autocast or bf16 weights) or 4; plus LoRA dropout's copy of
       each targeted input ((A+1) B a feature); plus logits, their fp32 copy and log-softmax ((A+8) B x
       vocab). With gradient checkpointing: each layer's input, and one layer recomputed at a time.
     total: the sum, an upper bound. peak: the larger of end of forward (weights, master, optimizer,
-      activations) and optimizer step (weights less autocast's copies, master, optimizer, grads); with
-      `st["cuda_graphs"]` (the harness's captured step, harness/train.py: StepGraph), the total: the
-      graphs' private pool keeps the step's gradients, autograd's bf16 weight copies and activations
-      for the run, so they add up. (1B full fine-tuning on an H100: 22.2 GB reserved = fp32 weights +
-      gradients + AdamW's moments + bf16 copies, to 0.1 GB.)
+      activations) and optimizer step (weights less autocast's copies, master, optimizer, grads). The
+      harness's captured step (CUDA graphs, harness/train.py: StepGraph) peaks where the eager one does:
+      the capture reuses the blocks it frees (8B full fine-tuning with 8-bit moments on an H200: 83.9 GB
+      allocated against 83.5 GB here, which the allocator slack of `train_bytes` covers).
     """
     P, A, L, cuda = shape["total"], shape["lora"], shape["layers"], st["autocast"] is not None
     h, i, kv, V = shape["hidden"], shape["intermediate"], shape["kv_dim"], shape["vocab"]
@@ -131,9 +130,8 @@ def estimate(shape: dict, method: str, st: dict) -> dict:
              "activations": layers + tokens * V * (a + 8)}
     parts = {k: int(v) for k, v in parts.items()}
     held = parts["master"] + parts["optimizer"]
-    eager = max(parts["weights"] + held + parts["activations"], parts["weights"] - cache + held + grads)
     parts.update(total=sum(parts.values()),
-                 peak=sum(parts.values()) if st.get("cuda_graphs") else eager,
+                 peak=max(parts["weights"] + held + parts["activations"], parts["weights"] - cache + held + grads),
                  storage=int(trainable * t_bytes),  # adapter (fp32) or full checkpoint in its dtype
                  trainable_params=int(trainable))
     return parts
@@ -145,35 +143,31 @@ def eval_bytes(n_params: int, *, kl: bool = False) -> int:
     return (8 if kl else 4) * n_params + EVAL_BUDGET + CUDA_CONTEXT
 
 
-def settings(task, method: str, *, optim: str | None = None, cuda_graphs: bool | None = None) -> dict:
+def settings(task, method: str, *, optim: str | None = None) -> dict:
     """`estimate`'s settings for an arm of `task` (a TaskConfig) as the harness trains it on a GPU: fp32
     weights under bf16 autocast, the method's micro-batch of rows up to training.max_length tokens
-    (packed or padded, never more), CUDA graphs where harness/train.py would capture the step;
-    `optim` and `cuda_graphs` put other values in the config's place."""
-    from harness import train
-
+    (packed or padded, never more); `optim` puts another optimizer in the config's place."""
     t = task.training
-    graphs = train.wants_graphs(task) if cuda_graphs is None else cuda_graphs and train.wants_graphs(task)
     return {"batch": task.methods[method].micro_batch_size, "seq": t.max_length, "precision": "fp32-master",
-            "autocast": "bf16", "cuda_graphs": graphs, "optimizer": optim or t.optim,
-            "gradient_checkpointing": t.gradient_checkpointing, "quant": dict(task.quant),
-            "l2_to_base": task.mitigation.l2_to_base, "lora_dropout": task.lora.get("lora_dropout", 0.0)}
+            "autocast": "bf16", "optimizer": optim or t.optim, "gradient_checkpointing": t.gradient_checkpointing,
+            "quant": dict(task.quant), "l2_to_base": task.mitigation.l2_to_base,
+            "lora_dropout": task.lora.get("lora_dropout", 0.0)}
 
 
-def arm_bytes(method: str, model_dir: str, n_params: int, task, **alternative) -> int:
+def arm_bytes(method: str, model_dir: str, n_params: int, task, *, optim: str | None = None) -> int:
     """Peak GPU bytes of an arm's job on the model in `model_dir`: the larger of training it (`estimate`
-    with the arm's settings, or those `alternative` names: optim, cuda_graphs) and evaluating it (KL's
-    second model included)."""
+    with the arm's settings, `optim` in its optimizer's place) and evaluating it (KL's second model
+    included)."""
     evaluation = eval_bytes(n_params, kl=task.kl.enabled)
     counts = model_shape(model_dir, task)
     if counts is None:
-        return max(rough_train_bytes(method, n_params, alternative.get("optim") or task.training.optim), evaluation)
-    return max(train_bytes(method, counts, task, **alternative), evaluation)
+        return max(rough_train_bytes(method, n_params, optim or task.training.optim), evaluation)
+    return max(train_bytes(method, counts, task, optim=optim), evaluation)
 
 
-def train_bytes(method: str, counts: dict, task, **alternative) -> int:
+def train_bytes(method: str, counts: dict, task, *, optim: str | None = None) -> int:
     """Peak GPU bytes of training an arm of `task` on an architecture of `shape` `counts`."""
-    peak = estimate(counts, method, settings(task, method, **alternative))["peak"]
+    peak = estimate(counts, method, settings(task, method, optim=optim))["peak"]
     return int(peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT
 
 

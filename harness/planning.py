@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness import (baselines, context, distributed, evalplan, evaluate, memory, models, parallel, points, provenance,
-                     records, replay, train)
+                     records, replay)
 from harness.config import METHODS, PROJECT_ROOT, HarnessError, MethodName, TaskConfig, load_task, to_dict
 from harness.data import mirror_dir
 from harness.io import environment, log, remove_partial
@@ -286,29 +286,19 @@ def _shards(task: TaskConfig, method: str) -> int:
     return distributed.processes(task, models.device_kind())
 
 
-def _arm_need(model_dir: str, n_params: int, arm: Arm, p: Plan, **alternative) -> float:
+def _arm_need(model_dir: str, n_params: int, arm: Arm, p: Plan, *, optim: str | None = None) -> float:
     """An arm's GPU bytes per device by harness/memory.py, from the architecture and the arm's own settings
-    (or those `alternative` puts in their place: optim, cuda_graphs)."""
+    (`optim` in its optimizer's place)."""
     t = p.arm_tasks[arm.name]
-    return memory.arm_bytes(arm.method, model_dir, n_params, t, **alternative) / _shards(t, arm.method)
+    return memory.arm_bytes(arm.method, model_dir, n_params, t, optim=optim) / _shards(t, arm.method)
 
 
 def _alternatives(model_dir: str, n_params: int, arm: Arm, p: Plan) -> list[tuple[str, float]]:
-    """What would shrink a full arm that does not fit, smallest change first: AdamW's moments in 8 bits
-    (bitsandbytes), then steps without CUDA graphs (whose pool keeps gradients and activations between
-    steps), then both."""
-    t = p.arm_tasks[arm.name]
-    eight = "8bit" not in t.training.optim
-    graphs = train.wants_graphs(t)
-    options = []
-    if eight:
-        options.append(("training.optim=adamw_bnb_8bit (AdamW's moments in 8 bits)", dict(optim="adamw_bnb_8bit")))
-    if graphs:
-        options.append(("training.cuda_graphs=false (eager steps)", dict(cuda_graphs=False)))
-    if eight and graphs:
-        options.append(("training.optim=adamw_bnb_8bit training.cuda_graphs=false",
-                        dict(optim="adamw_bnb_8bit", cuda_graphs=False)))
-    return [(label, _arm_need(model_dir, n_params, arm, p, **kw)) for label, kw in options]
+    """What would shrink a full arm that does not fit: AdamW's moments in 8 bits (bitsandbytes)."""
+    if "8bit" in p.arm_tasks[arm.name].training.optim:
+        return []
+    return [("training.optim=adamw_bnb_8bit (AdamW's moments in 8 bits)",
+             _arm_need(model_dir, n_params, arm, p, optim="adamw_bnb_8bit"))]
 
 
 def _needs(model_dir: str, n_params: int, arms: list[Arm], p: Plan, *, child: bool) -> dict[str, float]:
