@@ -148,7 +148,8 @@ def _train(run: Run, arm: Arm, examples: list, arm_dir: Path, inputs: str, repla
         micro = arm_task.methods[arm.method].micro_batch_size
         if not resources.is_out_of_memory(e) or micro <= 1:
             raise
-        retry = {"error": str(e).splitlines()[0][:300], "micro_batch_size_from": micro, "micro_batch_size_to": micro // 2}
+        retry = {"error": str(e).splitlines()[0][:300], "micro_batch_size_from": micro,
+                 "micro_batch_size_to": micro // 2}
     if retry is not None:
         # Retried outside the except block: there, the exception's traceback still holds the failed
         # attempt's frames (its model, gradients and optimizer state), and the retry would load a

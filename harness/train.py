@@ -127,10 +127,9 @@ def graph_capture(module, sample_args):
 
     The warm-up (lazy CUDA initialisation that must stay out of the capture) is run here, not by
     make_graphed_callables: its own warm-up keeps the last iteration's gradients alive through the
-    capture (`for v in [...]: del v` deletes only the loop variable, torch 2.11-2.13), a second full set
-    of gradients beside the one the backward graph allocates. For full fine-tuning of Llama 3.1 8B that
-    is 32 GB more at capture than at any later step: on an 80 GB H100 it ran out of memory asking for
-    29.73 GiB (results/scale/README.md)."""
+    capture (`for v in [...]: del v` deletes only the loop variable; torch 2.13's source), a second full
+    set of gradients beside the one the backward graph allocates. For full fine-tuning of Llama 3.1 8B
+    that is 32 GB more at capture than at any later step (results/scale/README.md)."""
     import torch
 
     params = [p for p in module.parameters() if p.requires_grad]
