@@ -143,16 +143,6 @@ def graph_capture(module, sample_args):
     return torch.cuda.make_graphed_callables(module, sample_args, num_warmup_iters=0)
 
 
-def wants_graphs(task) -> bool:
-    """Whether an arm of `task` (a TaskConfig) trains with CUDA graphs where a GPU is present.
-    They need one shape for every step (packed rows padded to one length) and a step without the Python
-    that checkpointing's recomputation or compiled code runs; a mitigation changes which weights train
-    or adds a loss term outside the captured step: no graphs. (Over several processes: none either.)"""
-    t, mit = task.training, task.mitigation
-    return (t.cuda_graphs and t.packing and not t.gradient_checkpointing and not t.compile
-            and not mit.freeze_layers and not mit.l2_to_base)
-
-
 class StepGraph:
     """A micro-step's forward and backward as CUDA graphs (torch.cuda.make_graphed_callables), used by
     the Trainer in place of the model for the loss. Captured at the first micro-step, from its
@@ -390,7 +380,11 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
         disable_tqdm=rank != 0,
         **(_fsdp_args(model) if n_proc > 1 and t.distributed == "fsdp" else {}),
     )
-    graphs = wants_graphs(task) and graphs_available() and n_proc == 1
+    # CUDA graphs need one shape for every step (packed rows padded to one length) and a step without
+    # the Python that checkpointing's recomputation or compiled code runs.
+    # (A mitigation changes which weights train or adds a loss term outside the captured step: no graphs.)
+    graphs = (t.cuda_graphs and t.packing and not t.gradient_checkpointing and not t.compile and graphs_available()
+              and not mit.freeze_layers and not mit.l2_to_base and n_proc == 1)
     data_collator = collator(tokenizer, packing=t.packing)
     length = packed_length(examples, micro) if graphs else None
     if graphs:
