@@ -121,6 +121,9 @@ class measure:
         if self._cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        # What the stage inherits (a model already loaded, or whatever an earlier stage left behind):
+        # the part of its peak it did not allocate itself.
+        self._held = torch.cuda.memory_allocated() if self._cuda else None
         self._nvml = _Nvml()
         self._hwm_reset = reset_peak_rss()
         self._rss, self._used = rss_bytes(), self._nvml.read() or 0
@@ -153,6 +156,7 @@ class measure:
             "rss_source": "VmHWM reset at stage start, and sampled" if hwm else f"sampled every {self.interval}s",
             "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated() if self._cuda else None,
             "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved() if self._cuda else None,
+            "start_gpu_allocated_bytes": self._held,
             "peak_nvml_used_bytes": self._used if self._nvml.source else None,
             "nvml_source": self._nvml.source,
         }

@@ -136,6 +136,7 @@ def test_resources_recorded_per_arm(run):
         assert er is not None, arm  # the run fixture's own empty baseline cache: every arm was evaluated
         assert er["seconds"] > 0 and er["peak_rss_bytes"] > 0 and er["model_footprint_bytes"] > 0, arm
         assert er["peak_gpu_allocated_bytes"] is None and er["nvml_source"] is None  # CPU
+        assert "start_gpu_allocated_bytes" in er and er["start_gpu_allocated_bytes"] is None  # CPU: no allocator
         t = rec["train"]
         if t is None:
             continue
