@@ -179,3 +179,51 @@ def test_the_fit_check_runs_in_planning_before_any_weight_loads(tmp_path, tiny_m
     error = result.output.strip().splitlines()[-1]  # (after the progress bars of reading the data)
     assert error.startswith("Error: full: needs about ") and "more than the largest GPU here (0 GiB)" in error
     assert not loaded and not (tmp_path / "r" / "finance" / "fit" / "arms").exists()
+
+
+def _live_storages() -> dict[int, int]:
+    """Every tensor storage Python can reach: its address and size."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    live = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            storage = obj.untyped_storage()
+            live[storage.data_ptr()] = storage.nbytes()
+    return live
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_bnb_8bit"])
+def test_training_leaves_only_the_arm_for_its_evaluation(optim, tmp_path, tiny_model, tiny_task, mirror, monkeypatch):
+    """The arm is evaluated in the process that trained it, so whatever training still holds (optimizer
+    moments, gradients) would count in the evaluation's peak. The Trainer is kept alive here, as a
+    traceback or a callback can keep it in a real run; only the arm's own tensors may remain."""
+    from harness import train
+
+    kept = []
+    real = train._trainer_class
+
+    def keeping():
+        class Kept(real()):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                kept.append(self)
+        return Kept
+
+    monkeypatch.setattr(train, "_trainer_class", keeping)
+    task = load_task(str(tiny_task), [f"training.optim={optim}"])
+    tok = models.load_tokenizer(str(tiny_model))
+    examples, _ = train.training_examples(task, task.profiles["quick"], tok, mirror=mirror)
+    before = _live_storages()
+    model = train.run("full", task=task, profile=task.profiles["quick"], model_path=str(tiny_model),
+                      examples=examples, out_dir=tmp_path / "full").model
+    after = _live_storages()
+    assert kept and kept[0].state.global_step > 0  # trained, and its Trainer is still alive
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    weights = sum(after[p] for p in own)
+    left = sum(n for p, n in after.items() if p not in before and p not in own)
+    # Adam's two moments alone are 2x the weights in fp32 (8-bit: 0.5x); a few scalars may remain.
+    assert left < 0.01 * weights, f"{left} bytes beyond the arm's {weights}"
