@@ -3,14 +3,16 @@ random:<preset or config.json>`), and jobs no GPU could hold refused before they
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pathlib import Path
 
-from harness import memory, models, parallel
+from harness import memory, models, parallel, train
 from harness.cli import cli
 from harness.config import PROJECT_ROOT, HarnessError, load_task
 
@@ -183,10 +185,6 @@ def test_the_fit_check_runs_in_planning_before_any_weight_loads(tmp_path, tiny_m
 
 def _live_storages() -> dict[int, int]:
     """Every tensor storage Python can reach: its address and size."""
-    import gc
-
-    import torch
-
     gc.collect()
     live = {}
     for obj in gc.get_objects():
@@ -201,8 +199,6 @@ def test_training_leaves_only_the_arm_for_its_evaluation(optim, tmp_path, tiny_m
     """The arm is evaluated in the process that trained it, so whatever training still holds (optimizer
     moments, gradients) would count in the evaluation's peak. The Trainer is kept alive here, as a
     traceback or a callback can keep it in a real run; only the arm's own tensors may remain."""
-    from harness import train
-
     kept = []
     real = train._trainer_class
 
