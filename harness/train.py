@@ -465,7 +465,8 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
 
 def release(trainer, model) -> None:
     """Free what training held before the arm is evaluated in this process: the optimizer's state,
-    the gradients (with CUDA graphs, buffers of the graphs' private pools), the graphs themselves.
+    the gradients (with CUDA graphs, buffers of the graphs' private pools), the graphs themselves; and
+    give the model back its own forward, without training's mixed precision.
     The Trainer, its callback handler and accelerate each keep a reference to the optimizer, and the
     Trainer itself can outlive this function (a traceback kept by a lazy import held run()'s frame in
     a test), so each reference is dropped here rather than left to the Trainer's collection. Measured
@@ -475,7 +476,13 @@ def release(trainer, model) -> None:
     import gc
 
     import torch
+    from accelerate.utils import extract_model_from_parallel
 
+    # Trainer's accelerate, with bf16=True (on GPU), replaced model.forward by a bf16-autocast wrapper
+    # that casts the outputs to fp32. Left in place, the arm would be evaluated, and its KL and
+    # interpolations measured, under bf16 autocast while the base is evaluated in its own dtype: a
+    # change of precision counted as forgetting (and autocast's bf16 copies in the evaluation's memory).
+    extract_model_from_parallel(model, keep_fp32_wrapper=False)
     model.zero_grad(set_to_none=True)
     trainer.step_graph = None
     trainer.accelerator.free_memory()  # its lists of models, optimizers, schedulers and dataloaders

@@ -223,3 +223,35 @@ def test_training_leaves_only_the_arm_for_its_evaluation(optim, tmp_path, tiny_m
     left = sum(n for p, n in after.items() if p not in before and p not in own)
     # Adam's two moments alone are 2x the weights in fp32 (8-bit: 0.5x); a few scalars may remain.
     assert left < 0.01 * weights, f"{left} bytes beyond the arm's {weights}"
+
+
+def test_the_arm_is_evaluated_in_its_own_precision_not_trainings(tmp_path, tiny_model, tiny_task, mirror, monkeypatch):
+    """On a GPU, training runs under bf16 autocast (TrainingArguments bf16=True), which accelerate
+    installs by replacing model.forward. The arm must come back with its own forward: evaluated under
+    bf16 autocast it would differ from the base, evaluated in its own dtype, by precision alone."""
+    real = train._trainer_class
+    amp = []
+
+    def as_on_gpu():
+        class MixedPrecision(real()):
+            def __init__(self, *args, **kwargs):
+                kwargs["args"].bf16, kwargs["args"].mixed_precision = True, "bf16"  # what bf16=cuda sets on a GPU
+                super().__init__(*args, **kwargs)
+                amp.append(self.accelerator.native_amp)
+        return MixedPrecision
+
+    monkeypatch.setattr(train, "_trainer_class", as_on_gpu)
+    task = load_task(str(tiny_task), [])
+    tok = models.load_tokenizer(str(tiny_model))
+    examples, _ = train.training_examples(task, task.profiles["quick"], tok, mirror=mirror)
+    model = train.run("full", task=task, profile=task.profiles["quick"], model_path=str(tiny_model),
+                      examples=examples, out_dir=tmp_path / "full").model
+    assert amp == [True]  # trained under accelerate's bf16 autocast
+    ids = torch.tensor([examples[0]["input_ids"][:16]])
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        own = type(model).forward(model, input_ids=ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = type(model).forward(model, input_ids=ids).logits.float()
+    assert not torch.equal(bf16, own)  # the check below can tell the two precisions apart
+    assert got.dtype == torch.float32 and torch.equal(got, own)
