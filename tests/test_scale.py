@@ -225,7 +225,9 @@ def test_training_leaves_only_the_arm_for_its_evaluation(optim, tmp_path, tiny_m
     assert left < 0.01 * weights, f"{left} bytes beyond the arm's {weights}"
 
 
-def test_the_arm_is_evaluated_in_its_own_precision_not_trainings(tmp_path, tiny_model, tiny_task, mirror, monkeypatch):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_arm_is_evaluated_in_its_own_precision_not_trainings(method, tmp_path, tiny_model, tiny_task, mirror,
+                                                                 monkeypatch):
     """On a GPU, training runs under bf16 autocast (TrainingArguments bf16=True), which accelerate
     installs by replacing model.forward. The arm must come back with its own forward: evaluated under
     bf16 autocast it would differ from the base, evaluated in its own dtype, by precision alone."""
@@ -244,8 +246,8 @@ def test_the_arm_is_evaluated_in_its_own_precision_not_trainings(tmp_path, tiny_
     task = load_task(str(tiny_task), [])
     tok = models.load_tokenizer(str(tiny_model))
     examples, _ = train.training_examples(task, task.profiles["quick"], tok, mirror=mirror)
-    model = train.run("full", task=task, profile=task.profiles["quick"], model_path=str(tiny_model),
-                      examples=examples, out_dir=tmp_path / "full").model
+    model = train.run(method, task=task, profile=task.profiles["quick"], model_path=str(tiny_model),
+                      examples=examples, out_dir=tmp_path / method).model
     assert amp == [True]  # trained under accelerate's bf16 autocast
     ids = torch.tensor([examples[0]["input_ids"][:16]])
     with torch.no_grad():
