@@ -28,6 +28,7 @@ from pathlib import Path
 
 from harness.config import PROJECT_ROOT, HarnessError
 from harness.io import write_json, write_text
+from harness.models import PROVENANCE_FILE
 
 EVAL_VERSION = 1
 BASELINES_ENV = "HARNESS_BASELINES"
@@ -44,10 +45,14 @@ def model_sha256(path: str | Path) -> str:
     """sha256 over a model directory's weight, config and tokenizer files (names and contents).
 
     Cached beside the model in .harness-sha256.json, keyed by the files' sizes and mtimes: hashing a
-    7B checkpoint takes a minute, and a directory that has not changed need not be read again."""
+    7B checkpoint takes a minute, and a directory that has not changed need not be read again.
+    The harness's own provenance note (harness_source.json) is not the model: it names the GGUF's path
+    on this machine, and hashing it gave the same weights another key under another home directory,
+    so a fresh user's run never found the committed baselines."""
     root = Path(path)
     cache = root / ".harness-sha256.json"
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES and p != cache)
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                   and p.name not in (cache.name, PROVENANCE_FILE))
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     try:
         cached = json.loads(cache.read_text())

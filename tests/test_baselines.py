@@ -59,6 +59,23 @@ def test_model_hash_follows_content_not_path(tmp_path, tiny_model):
     assert baselines.model_sha256(copy) != baselines.model_sha256(tiny_model)
 
 
+def test_model_hash_ignores_where_the_gguf_was_converted_from(tmp_path, tiny_model):
+    """The same conversion under two home directories (or cache dirs) finds the same baselines."""
+    import shutil
+
+    from harness.models import PROVENANCE_FILE
+
+    digests = []
+    for home in ("/root", "/home/alice"):
+        copy = tmp_path / home.strip("/").replace("/", "_")
+        shutil.copytree(tiny_model, copy)
+        (copy / ".harness-sha256.json").unlink(missing_ok=True)
+        (copy / PROVENANCE_FILE).write_text(json.dumps(
+            {"source": "gguf", "gguf": f"{home}/.cache/harness/gguf/m.gguf", "detail": "GGUF m.gguf"}))
+        digests.append(baselines.model_sha256(copy))
+    assert digests[0] == digests[1] == baselines.model_sha256(tiny_model)
+
+
 def test_ifeval_entries_from_before_seeded_checks_are_not_reused():
     from harness.evaluate import TaskRun
     from harness.references import run_extra as _run_extra
