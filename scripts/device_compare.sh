@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs ON the lent H200 machine (see ../shared/device/README.md), after .device/c*/setup.sh:
+# Runs ON the lent GPU machine, after scripts/device_setup.sh has installed what scripts/device_stage.sh
+# staged here (wheels, mirror, NLTK data, and the GGUF or, for random-weight models, the tokenizer):
 #   LIMIT_S=540 bash scripts/device_compare.sh RUN_ID METHODS [overrides...]
 #   CMD=sweep ... --grid-file F   runs `harness sweep` instead (arms with their own settings)
 #   SEED_BASELINES=1 ...   starts from the project's committed baselines/, as `make compare` would

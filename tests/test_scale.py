@@ -249,11 +249,12 @@ def test_the_arm_is_evaluated_in_its_own_precision_not_trainings(method, tmp_pat
     model = train.run(method, task=task, profile=task.profiles["quick"], model_path=str(tiny_model),
                       examples=examples, out_dir=tmp_path / method).model
     assert amp == [True]  # trained under accelerate's bf16 autocast
-    ids = torch.tensor([examples[0]["input_ids"][:16]])
+    device = next(model.parameters()).device  # the test also runs on a GPU, where training moved it
+    ids = torch.tensor([examples[0]["input_ids"][:16]], device=device)
     with torch.no_grad():
         got = model(input_ids=ids).logits
         own = type(model).forward(model, input_ids=ids).logits
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             bf16 = type(model).forward(model, input_ids=ids).logits.float()
     assert not torch.equal(bf16, own)  # the check below can tell the two precisions apart
     assert got.dtype == torch.float32 and torch.equal(got, own)
