@@ -4,6 +4,7 @@
     results/<task>/<run-id>/arms/<arm>.json ArmRecord     one evaluated model (FailedArm: one that failed)
     work/<task>/<run-id>/<arm>/inputs.json  InputsStamp   what a Trainer checkpoint there was made for
     work/<task>/<run-id>/<arm>/train.json   TrainRecord   a trained and saved arm
+    work/<task>/<run-id>/evaluated/<name>.json  EvaluatedRecord  an evaluation whose KL is still to do
 
 Each carries `schema_version`. Records written before versioning (2026-12-05 and earlier) have none:
 they are version 1, and `_migrate_*` turns them into the current shape explicitly, so readers index
@@ -102,6 +103,18 @@ class TrainRecord:
     schema_version: int = SCHEMA_VERSION
 
 
+@dataclass
+class EvaluatedRecord:
+    """A model's benchmarks and perplexity, kept until its arm record is written: a run stopped while
+    measuring KL (a device's call limit, a pre-emption) resumes there instead of evaluating again."""
+
+    inputs: str
+    evaluation: dict  # evaluate.evaluate's result: results, n, versions, seconds, samples
+    perplexity: dict | None
+    resources: dict  # what the evaluation cost (resources.measure), reported as measured then
+    schema_version: int = SCHEMA_VERSION
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -138,6 +151,10 @@ def read_inputs(path: Path) -> InputsStamp:
 
 def read_train(path: Path) -> TrainRecord:
     return _build(TrainRecord, _migrate_plain(_read(path)), path)
+
+
+def read_evaluated(path: Path) -> EvaluatedRecord:
+    return _build(EvaluatedRecord, _read(path), path)  # new in version 2: nothing to migrate
 
 
 def _read(path: Path) -> dict:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import baselines, evalplan, evaluate, models, scoring
-from harness.io import log
+from harness.io import log, stop_point
 from harness.planning import Run, input_hash
 from harness.plots import NF4_REFERENCE
 
@@ -58,11 +58,12 @@ def evaluate_reference(run: Run, ref: Reference) -> None:
         if missing or want_ppl:
             ev, ppl, used = scoring.evaluate_model(run, name, model, missing, want_ppl,
                                                    load={"path": run.resolved.path, "quant": quant})
+            _store_baselines(run, name, keys, ev, ppl)  # before KL: a run stopped during KL finds them
+            stop_point(f"evaluated:{name}")
         kl = scoring.kl_to_base(run, name, model) if want_kl else None
         del model
         gc.collect()
         scoring.free_gpu()
-        _store_baselines(run, name, keys, ev, ppl)
     ev, ppl, reused = _merge_baselines(run, ev, ppl, hits)
     if reused["tasks"]:
         log(f"{name}: baseline reused for {len(reused['tasks'])} of {len(keys)} tasks from {spec.baselines_dir} "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from harness import distributed, drift, evaluate, models, records, resources
 from harness.io import log, stop_point, write_samples
-from harness.planning import Run
+from harness.planning import Run, read_or_none
 
 
 def evaluate_model(run: Run, name: str, model, tasks: list[str], with_ppl: bool,
@@ -80,11 +80,24 @@ def kl_to_base(run: Run, name: str, model) -> dict | None:
 
 def evaluate_and_record(run: Run, name: str, model, inputs: str, train_stats: dict | None,
                         point: dict | None = None, load: dict | None = None) -> None:
-    """Every measurement of a trained model (or a point of one), then its record."""
-    ev, ppl, used = evaluate_model(run, name, model, run.eval_tasks, run.ppl_kw is not None, load=load)
+    """Every measurement of a trained model (or a point of one), then its record. Where KL follows,
+    the evaluation is kept in the work directory until the record is written, so a run stopped
+    during KL resumes at KL (on a GPU with a 10-minute call limit, a full-profile arm's evaluation
+    is minutes that a resume would otherwise spend again)."""
+    kept = run.plan.work_dir / "evaluated" / f"{name}.json"
+    earlier = read_or_none(kept, records.read_evaluated) if kept.exists() else None
+    if earlier is not None and earlier.inputs == inputs:
+        ev, ppl, used = earlier.evaluation, earlier.perplexity, earlier.resources
+        log(f"{name}: evaluation recorded for these inputs, reused; measuring KL")
+    else:
+        ev, ppl, used = evaluate_model(run, name, model, run.eval_tasks, run.ppl_kw is not None, load=load)
+        if run.plan.task.kl.enabled:
+            records.write(kept, records.EvaluatedRecord(inputs, ev, ppl, used))
+            stop_point(f"evaluated:{name}")
     kl = kl_to_base(run, name, model)
     record(run.run_dir, name, inputs, ev, train_stats=train_stats, perplexity=ppl, eval_resources=used, kl=kl,
            point=point)
+    kept.unlink(missing_ok=True)  # the arm's record holds it all now
 
 
 def record(run_dir: Path, arm: str, inputs: str, ev: dict, *, train_stats: dict | None,

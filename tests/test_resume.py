@@ -121,6 +121,31 @@ def test_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path, args):
     assert not (work / "full/trainer").exists()  # the spent checkpoint is gone
 
 
+@pytest.mark.slow  # three pipeline runs in subprocesses
+def test_a_run_stopped_during_kl_resumes_at_kl(tmp_path, args, monkeypatch):
+    """KL comes last; stopped there (the device's call limit did), a run keeps what it evaluated: the
+    base's tasks in the baseline cache, an arm's evaluation in the work directory."""
+    ref = CliRunner().invoke(cli, args("straight", "full"), catch_exceptions=False)
+    assert ref.exit_code == 0, ref.output
+    monkeypatch.setenv("HARNESS_BASELINES", str(tmp_path / "baselines-killed"))  # the base evaluated again
+    run_dir = tmp_path / "results/finance/killed"
+    kept = tmp_path / "work/finance/killed/evaluated/full.json"
+
+    _killed_at("evaluated:base", args("killed", "full"))
+    proc = _killed_at("evaluated:full", args("killed", "full"))
+    assert "base: baseline reused for" in proc.stderr  # stored before the point it was stopped at
+    assert kept.exists() and not (run_dir / "arms/full.json").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "harness", "compare", "--resume", str(run_dir)],
+                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "full: evaluation recorded for these inputs, reused; measuring KL" in resumed.stderr
+    assert "full: evaluating" not in resumed.stderr and "full: KL(base || full)" in resumed.stderr
+    assert not kept.exists()  # the arm's record holds it now
+    straight = json.loads((tmp_path / "results/finance/straight/metrics.json").read_text())
+    _same(_stable(json.loads((run_dir / "metrics.json").read_text())), _stable(straight))
+
+
 def test_changed_inputs_are_redone_and_failed_arms_reported(tmp_path, args, monkeypatch):
     """A stage whose inputs changed is redone; an arm that runs out of memory is recorded as failed
     with its peak memory while the other arms finish; a truncated record is redone, not taken as done."""
