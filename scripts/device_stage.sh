@@ -13,6 +13,7 @@ set -euo pipefail
 mode="${1:-gguf}"
 [ "$mode" = gguf ] || [ "$mode" = random ] || { echo "device_stage.sh: mode must be gguf or random, got '$mode'" >&2; exit 2; }
 root="$(pwd)"; shared="${SHARED:-$root/../shared}"
+hcache="${HARNESS_CACHE:-$HOME/.cache/harness}"  # where the harness keeps the GGUF and its conversion (models.cache_dir)
 [ -d "$shared/hf-mirror" ] || { echo "device_stage.sh: no mirror at $shared/hf-mirror (set SHARED)" >&2; exit 2; }
 dev="$root/.device"; cache="$dev/cache"; mkdir -p "$cache/w"
 grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo /.device/ >> .git/info/exclude
@@ -50,7 +51,7 @@ put() {  # put SRC [NAME]: into the current part, or a new one when it does not 
 
 manifest="$dev/manifest"; : > "$manifest"
 if [ "$mode" = gguf ]; then
-  gguf="$HOME/.cache/harness/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+  gguf="$hcache/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
   if [ ! -f "$gguf" ]; then
     gguf="$cache/SmolLM2-135M-Instruct.Q4_1.gguf"
     if [ ! -f "$gguf" ]; then
@@ -64,7 +65,7 @@ if [ "$mode" = gguf ]; then
   rm -rf "$chunks"
 else
   # SmolLM2's tokenizer alone: random-weight models take it (models.py), and it saves the GGUF's calls.
-  model="$HOME/.cache/harness/models/smollm2-135m-instruct"
+  model="$hcache/models/smollm2-135m-instruct"
   [ -f "$model/tokenizer.json" ] || { echo "device_stage.sh: random mode needs $model (run 'make compare' once here)" >&2; exit 2; }
   tmp=$(mktemp -d); mkdir -p "$tmp/tokenizer"
   for f in "$model"/*; do case "$(basename "$f")" in *.safetensors|.harness-sha256.json) ;; *) cp "$f" "$tmp/tokenizer/";; esac; done

@@ -76,6 +76,13 @@ def _killed_at(point: str, argv: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+def _resumed(run_dir) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "harness", "compare", "--resume", str(run_dir)],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow  # five pipeline runs in subprocesses: minutes on a busy CPU
 def test_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path, args):
     ref = CliRunner().invoke(cli, args("straight", "full"), catch_exceptions=False)
@@ -99,9 +106,7 @@ def test_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path, args):
     assert "full: training recorded for these inputs, evaluating the saved" in proc.stderr
     assert not (run_dir / "report.md").exists() and list(run_dir.glob(".report.md.*.tmp"))
 
-    resumed = subprocess.run([sys.executable, "-m", "harness", "compare", "--resume", str(run_dir)],
-                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _resumed(run_dir)
     for line in ("base: evaluation recorded for these inputs, reused",
                  "full: training and evaluation recorded for these inputs, reused"):
         assert line in resumed.stderr
@@ -136,9 +141,7 @@ def test_a_run_stopped_during_kl_resumes_at_kl(tmp_path, args, monkeypatch):
     assert "base: baseline reused for" in proc.stderr  # stored before the point it was stopped at
     assert kept.exists() and not (run_dir / "arms/full.json").exists()
 
-    resumed = subprocess.run([sys.executable, "-m", "harness", "compare", "--resume", str(run_dir)],
-                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _resumed(run_dir)
     assert "full: evaluation recorded for these inputs, reused; measuring KL" in resumed.stderr
     assert "full: evaluating" not in resumed.stderr and "full: KL(base || full)" in resumed.stderr
     assert not kept.exists()  # the arm's record holds it now
