@@ -126,24 +126,28 @@ def test_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path, args):
     assert not (work / "full/trainer").exists()  # the spent checkpoint is gone
 
 
-@pytest.mark.slow  # three pipeline runs in subprocesses
-def test_a_run_stopped_during_kl_resumes_at_kl(tmp_path, args, monkeypatch):
-    """KL comes last; stopped there (the device's call limit did), a run keeps what it evaluated: the
-    base's tasks in the baseline cache, an arm's evaluation in the work directory."""
-    ref = CliRunner().invoke(cli, args("straight", "full"), catch_exceptions=False)
+@pytest.mark.slow  # three pipeline runs in subprocesses per case
+@pytest.mark.parametrize("reference,arm", [("base", "full"), ("base-nf4", "qlora")])
+def test_a_run_stopped_during_kl_resumes_at_kl(tmp_path, args, monkeypatch, reference, arm):
+    """KL comes last; stopped there (the device's call limit did), a run keeps what it evaluated: a
+    reference's tasks in the baseline cache, an arm's evaluation in the work directory. The 4-bit base
+    has a KL of its own (to the base), measured after its tasks were stored."""
+    ref = CliRunner().invoke(cli, args("straight", arm), catch_exceptions=False)
     assert ref.exit_code == 0, ref.output
-    monkeypatch.setenv("HARNESS_BASELINES", str(tmp_path / "baselines-killed"))  # the base evaluated again
+    monkeypatch.setenv("HARNESS_BASELINES", str(tmp_path / "baselines-killed"))  # references evaluated again
     run_dir = tmp_path / "results/finance/killed"
-    kept = tmp_path / "work/finance/killed/evaluated/full.json"
+    kept = tmp_path / f"work/finance/killed/evaluated/{arm}.json"
 
-    _killed_at("evaluated:base", args("killed", "full"))
-    proc = _killed_at("evaluated:full", args("killed", "full"))
-    assert "base: baseline reused for" in proc.stderr  # stored before the point it was stopped at
-    assert kept.exists() and not (run_dir / "arms/full.json").exists()
+    _killed_at(f"evaluated:{reference}", args("killed", arm))
+    proc = _killed_at(f"evaluated:{arm}", args("killed", arm))
+    assert f"{reference}: baseline reused for" in proc.stderr  # stored before the point it was stopped at
+    if reference != "base":
+        assert f"{reference}: KL(base || {reference})" in proc.stderr  # measured after the stop, not skipped
+    assert kept.exists() and not (run_dir / f"arms/{arm}.json").exists()
 
     resumed = _resumed(run_dir)
-    assert "full: evaluation recorded for these inputs, reused; measuring KL" in resumed.stderr
-    assert "full: evaluating" not in resumed.stderr and "full: KL(base || full)" in resumed.stderr
+    assert f"{arm}: evaluation recorded for these inputs, reused; measuring KL" in resumed.stderr
+    assert f"{arm}: evaluating" not in resumed.stderr and f"{arm}: KL(base || {arm})" in resumed.stderr
     assert not kept.exists()  # the arm's record holds it now
     straight = json.loads((tmp_path / "results/finance/straight/metrics.json").read_text())
     _same(_stable(json.loads((run_dir / "metrics.json").read_text())), _stable(straight))
