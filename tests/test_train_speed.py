@@ -270,8 +270,8 @@ def _same_training(a, b, rtol, atol=None, rounding_fraction=0.0):
     adam_bound = 2 * a.stats["learning_rate"] * a.stats["steps"]
     outside = total = 0
     for k in wa:
-        diff = (wa[k] - wb[k]).abs()
-        far = diff > atol + rtol * wb[k].abs()
+        diff = (wa[k] - wb[k]).detach().abs()
+        far = diff > atol + rtol * wb[k].detach().abs()
         outside, total = outside + int(far.sum()), total + diff.numel()
         if not rounding_fraction:
             torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
