@@ -43,7 +43,8 @@ def stop_point(name: str) -> None:
 
     Points: write:<file name> (temporary file written, not yet renamed), recorded:<arm>,
     evaluating:<arm> (between its benchmarks and its perplexity), evaluated:<arm> (evaluation kept,
-    KL not yet measured), train:<arm>:<step> (after the Trainer checkpoint of that step). Used by tests/test_resume.py; unset in normal runs."""
+    KL not yet measured), train:<arm>:<step> (after the Trainer checkpoint of that step). Used by
+    tests/test_resume.py; unset in normal runs."""
     if os.environ.get(STOP_ENV) == name:
         import signal
 
