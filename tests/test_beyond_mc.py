@@ -99,7 +99,7 @@ def test_answer_task_scores_the_reference_answer_in_bits_per_byte(extra, tiny_mo
         ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]
         whole = tok(ctx + cont, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+            logp = torch.log_softmax(model(torch.tensor([whole], device=model.device)).logits[0].double(), -1)
         ll = sum(logp[i - 1, whole[i]].item() for i in range(len(ctx_ids), len(whole)))
         assert r["bits_per_byte:w"] == len(cont.encode())
         assert r["bits_per_byte"] == pytest.approx(-ll / (len(cont.encode()) * math.log(2)), rel=1e-4)

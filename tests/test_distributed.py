@@ -7,8 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import distributed, evaluate, models, train
+from harness import context, distributed, evaluate, models, train
 from harness.config import HarnessError, load_task
+
+# The ranks run on CPU (gloo), so the one-process reference does too, on a GPU machine as well.
+ON_CPU = context.RunContext(device="cpu")
 
 # The tiny task's quick profile: 4 optimizer steps at batch 8, micro-batch 2 (4 micro-steps a step in one
 # process, 2 in each of two).
@@ -28,8 +31,9 @@ def _examples(task, tiny_model, mirror):
 def test_two_processes_train_as_one_process(tmp_path, tiny_model, tiny_task, mirror, method, mode):
     one_task = load_task(str(tiny_task), COMMON)
     profile, examples = _examples(one_task, tiny_model, mirror)
-    one = train.run(method, task=one_task, profile=profile, model_path=str(tiny_model), examples=examples,
-                    out_dir=tmp_path / "one")
+    with context.use(ON_CPU):
+        one = train.run(method, task=one_task, profile=profile, model_path=str(tiny_model), examples=examples,
+                        out_dir=tmp_path / "one")
     ddp_task = load_task(str(tiny_task), [*COMMON, f"training.distributed={mode}", "training.processes=2"])
     stats = distributed.train(method, task=ddp_task, profile=profile, model_path=str(tiny_model), examples=examples,
                               out_dir=tmp_path / "ddp", device="cpu", log=lambda m: None)
@@ -38,12 +42,13 @@ def test_two_processes_train_as_one_process(tmp_path, tiny_model, tiny_task, mir
     # Each step's loss is the mean over the same examples (all ranks' tokens), reduced in another order.
     assert [h["loss"] for h in stats["loss_history"]] == pytest.approx(
         [h["loss"] for h in one.stats["loss_history"]], rel=1e-4)
-    ddp = models.load_arm(method, str(tiny_model), tmp_path / "ddp" / ("model" if method == "full" else "adapter"),
-                          quant={})
+    with context.use(ON_CPU):
+        ddp = models.load_arm(method, str(tiny_model), tmp_path / "ddp" / ("model" if method == "full" else "adapter"),
+                              quant={})
+        base = models.load_base(str(tiny_model)).state_dict()
     a, b = one.model.state_dict(), ddp.state_dict()
     keys = [k for k in a if (method == "full" or "lora_" in k)]
     assert keys and set(keys) <= set(b)
-    base = models.load_base(str(tiny_model)).state_dict()
     for k in keys:  # fp32 sums in another order (FSDP: sharded, gathered whole to save); rounding level
         torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     # ...and the weights did train (a rank that skipped its share would still load the base's).
@@ -80,7 +85,8 @@ def test_a_compare_trains_an_arm_over_two_processes_and_evaluates_it(tmp_path, t
 
     args = ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", "lora", "--profile", "quick",
             "--mirror", str(mirror), "--run-id", "ddp", "--results-dir", str(tmp_path / "r"), "--work-dir",
-            str(tmp_path / "w"), "--jobs", "1", *COMMON, "training.distributed=ddp", "training.processes=2"]
+            str(tmp_path / "w"), "--jobs", "1", "--device", "cpu",  # gloo ranks, on a GPU machine too
+            *COMMON, "training.distributed=ddp", "training.processes=2"]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     arm = json.loads((tmp_path / "r" / "finance" / "ddp" / "arms" / "lora.json").read_text())
@@ -95,7 +101,8 @@ def test_data_parallel_evaluation_gives_the_one_process_documents(tmp_path, tiny
     rank 0 gathers them; the per-document records and the aggregates are those of one process."""
     runs = [evaluate.TaskRun("arc_easy", limit=12), evaluate.TaskRun("boolq", limit=12)]
     kw = dict(mirror=mirror, batch_size=4, seed=0)
-    one = evaluate.evaluate(models.load_base(str(tiny_model)), models.load_tokenizer(str(tiny_model)), runs, **kw)
+    with context.use(ON_CPU):
+        one = evaluate.evaluate(models.load_base(str(tiny_model)), models.load_tokenizer(str(tiny_model)), runs, **kw)
     two = distributed.evaluate({"path": str(tiny_model)}, runs, n=2, device="cpu", work=tmp_path, **kw)
     assert two["processes"] == 2 and "processes" not in one  # lm-eval sharded the documents over both ranks
     assert two["n"] == one["n"] == {"arc_easy": 12, "boolq": 12}
@@ -122,7 +129,7 @@ def test_a_compare_evaluated_over_two_processes_records_the_same_documents(run, 
 
     args = ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", "lora", "--profile", "quick",
             "--mirror", str(mirror), "--run-id", "dp", "--results-dir", str(tmp_path / "r"), "--work-dir",
-            str(tmp_path / "w"), "--refresh-baseline", "profiles.quick.eval_processes=2"]
+            str(tmp_path / "w"), "--refresh-baseline", "--device", "cpu", "profiles.quick.eval_processes=2"]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "w" / "finance" / "dp" / "eval" / "base" / "evaluate.out.pkl").exists()  # (the ranks' result)

@@ -25,7 +25,7 @@ def test_interpolation_is_the_start_at_0_and_the_arm_at_1(method, tmp_path, tiny
     model = result.model
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     base = models.load_base(str(tiny_model))
-    ids = torch.tensor([[1, 5, 9, 12, 7, 3]])
+    ids = torch.tensor([[1, 5, 9, 12, 7, 3]], device=model.device)  # on the GPU where training put it
     with torch.no_grad():
         base_logits, arm_logits = base(ids).logits, model(ids).logits
     interp = points.Interpolation(model, method, str(tiny_model))

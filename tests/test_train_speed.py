@@ -26,8 +26,14 @@ def _model(path):
     return model
 
 
+def _on(model, batch):
+    """The batch on the model's device: load_base puts the model on the GPU where there is one."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def _loss(model, batch):
-    return model(**batch).loss
+    return model(**_on(model, batch)).loss
 
 
 def _assert_same_loss_and_gradients(model, batch, reference):
@@ -63,12 +69,12 @@ def test_packed_examples_do_not_see_each_other(setup, tiny_model):
     model = _model(tiny_model).eval()
     pack = train.collator(tok, packing=True)
     with torch.no_grad():
-        logits = [model(**pack([x, b])).logits[0, len(a["input_ids"]):] for x in (a, other)]
+        logits = [model(**_on(model, pack([x, b]))).logits[0, len(a["input_ids"]):] for x in (a, other)]
     torch.testing.assert_close(logits[0], logits[1])
     # With a KV cache enabled, transformers would ignore the boundaries: the reason train.run disables it.
     model.config.use_cache = True
     with torch.no_grad():
-        leaky = model(**pack([other, b])).logits[0, len(a["input_ids"]):]
+        leaky = model(**_on(model, pack([other, b]))).logits[0, len(a["input_ids"]):]
     assert not torch.allclose(leaky, logits[0])
 
 
