@@ -23,6 +23,7 @@ evaluate it, as after training on one device.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import socket
@@ -116,8 +117,11 @@ def _launch(kind: str, job: dict, work: Path, n: int, device: str, *, what: str)
     out = work / f"{kind}.out.pkl"
     out.unlink(missing_ok=True)
     path = work / f"{kind}.job.pkl"
+    ctx = context.current()
+    if device == "cpu":  # the ranks run where the caller asked, on a machine with GPUs too
+        ctx = dataclasses.replace(ctx, device="cpu")
     with open(path, "wb") as fh:
-        pickle.dump({"kind": kind, **job, "context": context.current()}, fh)
+        pickle.dump({"kind": kind, **job, "context": ctx}, fh)
     port = str(_free_port())
     if device == "cuda":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
@@ -129,6 +133,9 @@ def _launch(kind: str, job: dict, work: Path, n: int, device: str, *, what: str)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if device == "cpu":  # each rank its share of the cores, not all of them each
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // n))
+        # and none sees a GPU: a rank that took one would load onto cuda:LOCAL_RANK, which on a
+        # one-GPU machine does not exist for rank 1 ("invalid device ordinal", seen on an H100).
+        env["CUDA_VISIBLE_DEVICES"] = ""
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0 or not out.exists():
         raise HarnessError(f"{what} failed with exit code {rc}; its ranks' output is above")

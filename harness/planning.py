@@ -11,6 +11,7 @@ evaluation settings and the input hashes that decide what is redone, and writes 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -273,6 +274,9 @@ def prepare(spec: CompareSpec, arms: list[Arm], *, child: bool = False, only: tu
               "perplexity": [suite.perplexity and suite.perplexity.task, ppl_kw and ppl_kw["limit"]],
               "kl": to_dict(task.kl) | {"documents": profile.kl_documents} if task.kl.enabled else None}
     point_list = {a.name: points.of(a.name, a.method, p.arm_tasks[a.name]) for a in arms}
+    if not child:  # the jobs get what the parent decided: a run id from the clock would be another
+        # second's, and each job would write to a run directory of its own (seen on a GPU, --jobs auto)
+        spec = dataclasses.replace(spec, run_id=p.run_id, profile=p.profile_name)
     record = None if child else _run_record(spec, arms, p, resolved, runs, has_chat, point_list)
     run = Run(spec, arms, p, resolved, n_params, runs, eval_kw, ppl_kw, common, point_list, record, needs=needs)
     run.save()

@@ -36,6 +36,8 @@ def run(run_dir: Path) -> Path:
     metric_of = {leaf: e["metric"] for e in entries for leaf in e["leaves"]} | {e["task"]: e["metric"] for e in entries}
     point_of = config["points"]  # snapshots and interpolations of an arm (harness/points.py)
     arms, failed = _load_arms(run_dir, ["base", NF4_REFERENCE, *config["methods"], *point_of])
+    if "base" in failed:  # every comparison is against the base: no report without it, and why
+        raise FileNotFoundError(f"{run_dir}/arms/base.json: the base evaluation failed: {failed['base']}")
     if "base" not in arms:
         raise FileNotFoundError(f"{run_dir}/arms/base.json: the base evaluation is missing")
     seed = config["task"]["training"]["seed"]

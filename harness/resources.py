@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from harness import context
+
 INTERVAL = 0.2  # seconds between samples (peaks from VmHWM and torch are exact; NVML is sampled)
 
 
@@ -37,6 +39,12 @@ def rss_bytes() -> int:
             return psutil.Process().memory_info().rss
         except Exception:
             return 0
+
+
+def on_gpu() -> bool:
+    """The run works on a GPU (its --device, through the context): a CPU run on a machine with a
+    GPU records no GPU figures, which would be another process's or zero."""
+    return context.current().device_kind() == "cuda"
 
 
 def peak_rss_since_reset() -> int | None:
@@ -70,7 +78,7 @@ class _Nvml:
 
         self.source, self._read = None, None
         # Jobs sharing the device (harness/parallel.py): its whole-device figure would count the others.
-        if not torch.cuda.is_available() or os.environ.get("HARNESS_SHARED_DEVICE"):
+        if not on_gpu() or os.environ.get("HARNESS_SHARED_DEVICE"):
             return
         idx = torch.cuda.current_device()
         uuid = str(getattr(torch.cuda.get_device_properties(idx), "uuid", "") or "")
@@ -117,7 +125,7 @@ class measure:
     def __enter__(self):
         import torch
 
-        self._cuda = torch.cuda.is_available()
+        self._cuda = on_gpu()
         if self._cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

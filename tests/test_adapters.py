@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from harness import adapters, merge, models, resources
+from harness import adapters, context, merge, models, resources
 from harness.cli import cli
 from harness.config import HarnessError, load_task
 
@@ -19,6 +19,9 @@ RANK = 4
 LORA = {"r": RANK, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}
 QUANT = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
          "bnb_4bit_compute_dtype": "bfloat16"}
+# Merges and measurements on CPU, on a GPU machine too: fp32 logits (a GPU merges in bf16, whose
+# rounding the fp32 bounds below would not hold), and no GPU figures to record.
+ON_CPU = context.RunContext(device="cpu")
 
 
 def _dims(tiny_model):
@@ -93,7 +96,7 @@ def test_saved_sizes_and_dtypes_match_the_files(built, tiny_model):
 
 
 def test_measure_reports_stage_figures():
-    with resources.measure() as m:
+    with context.use(ON_CPU), resources.measure() as m:
         block = bytearray(64 * 2**20)  # touch 64 MiB: the stage's peak RSS must see it
         block[::4096] = b"x" * len(block[::4096])
     r = m.result
@@ -102,9 +105,20 @@ def test_measure_reports_stage_figures():
     del block
 
 
+def test_a_cpu_run_on_a_gpu_machine_measures_no_gpu(monkeypatch):
+    """--device cpu where torch sees a GPU: the stage's figures are the CPU's, not zeros or another
+    process's memory from the idle GPU (torch.cuda is not touched at all)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with context.use(ON_CPU), resources.measure() as m:
+        pass
+    assert m.result["peak_gpu_allocated_bytes"] is None and m.result["nvml_source"] is None
+    assert m.result["start_gpu_allocated_bytes"] is None and m.result["peak_rss_bytes"] > 0
+
+
 def test_merge_lora_equals_base_plus_adapter(built, tmp_path):
     out, _ = built
-    result = CliRunner().invoke(cli, ["merge", str(out / "lora" / "adapter"), "--out", str(tmp_path / "merged")])
+    with context.use(ON_CPU):
+        result = CliRunner().invoke(cli, ["merge", str(out / "lora" / "adapter"), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
     rec = json.loads((tmp_path / "merged" / "merge.json").read_text())
     v = rec["verification"]
@@ -123,7 +137,8 @@ def test_merge_lora_equals_base_plus_adapter(built, tmp_path):
 
 def test_merge_qlora_into_16bit_base_reports_the_quantization_gap(built, tmp_path):
     out, _ = built
-    rec = merge.run(out / "qlora" / "adapter", tmp_path / "merged")
+    with context.use(ON_CPU):
+        rec = merge.run(out / "qlora" / "adapter", tmp_path / "merged")
     v = rec["verification"]
     assert rec["method"] == "qlora" and "unquantized (16-bit) base" in rec["merged_into"]
     assert v["passed"] and v["max_abs_diff_vs_base_plus_adapter"] < 1e-4 * v["max_abs_logit"]

@@ -125,16 +125,19 @@ CASES = [
     ("negative-limit", lambda e: ["profiles.quick.limit=-5"], ["limit: must be a positive number or null, got -5"]),
     ("run-id-traversal", lambda e: ["--run-id", "../escape"], ["--run-id '../escape'"]),
     ("results-not-writable", _not_writable, ["a-file/results", "not writable"]),
-    ("gpu-where-none", lambda e: ["--device", "cuda"], ["--device cuda: no CUDA GPU is available"]),
-    ("distributed-on-cpu-without-processes", lambda e: ["training.distributed=ddp"],
+    ("gpu-where-none", "no-gpu", ["--device cuda: no CUDA GPU is available"]),
+    # The distributed cases on CPU (gloo), also where the machine has a GPU.
+    ("distributed-on-cpu-without-processes", lambda e: ["--device", "cpu", "training.distributed=ddp"],
      ["training.distributed=ddp: on CPU, give training.processes"]),
     ("distributed-unknown-mode", lambda e: ["training.distributed=deepspeed"],
      ["distributed: 'deepspeed' is not one of ('none', 'ddp', 'fsdp')"]),
-    ("fsdp-with-snapshots", lambda e: ["training.distributed=fsdp", "training.processes=2", "training.eval_at=[0.5]"],
+    ("fsdp-with-snapshots", lambda e: ["--device", "cpu", "training.distributed=fsdp", "training.processes=2",
+                                       "training.eval_at=[0.5]"],
      ["training.eval_at: snapshots of FSDP-sharded weights are not saved"]),
-    ("fsdp-qlora-uint8-storage", lambda e: ["training.distributed=fsdp", "training.processes=2", "--methods", "qlora"],
+    ("fsdp-qlora-uint8-storage", lambda e: ["--device", "cpu", "training.distributed=fsdp", "training.processes=2",
+                                            "--methods", "qlora"],
      ["fsdp with qlora: set quant.bnb_4bit_quant_storage=bfloat16"]),
-    ("micro-batch-times-processes", lambda e: ["training.distributed=ddp", "training.processes=3",
+    ("micro-batch-times-processes", lambda e: ["--device", "cpu", "training.distributed=ddp", "training.processes=3",
                                                "methods.full.micro_batch_size=2", "--methods", "full"],
      ["micro_batch_size=2 x 3 processes must divide the effective batch"]),
     ("remote-code-without-flag", lambda e: ["--model", _model_with(e, lambda c: c.update(
@@ -210,6 +213,11 @@ def test_bad_input(case, build, expected, tmp_path, tiny_model, tiny_task, mirro
     if build == "disk":
         _disk_full(monkeypatch)
         extra = []
+    elif build == "no-gpu":  # --device cuda where torch finds none (as on a CPU machine, on a GPU one too)
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        extra = ["--device", "cuda"]
     elif build == "nltk":  # IFEval's data lookup: an empty NLTK path, as on a machine without the data
         import nltk
 

@@ -74,6 +74,27 @@ def test_more_processes_than_gpus_is_refused(tiny_task, monkeypatch):
     assert distributed.processes(load_task(str(tiny_task), ["training.distributed=ddp"]), "cuda") == 2
 
 
+def test_ranks_on_cpu_see_no_gpu_whatever_the_callers_context(tmp_path, monkeypatch):
+    """A launch on CPU from a context that would take a GPU (--device auto on a GPU machine): the ranks
+    get a CPU context and no visible GPU; else rank 1 of two loads onto cuda:1, absent on one GPU."""
+    import pickle
+    import subprocess
+
+    seen = {}
+
+    def fake_run(cmd, env):
+        job = pickle.loads((tmp_path / "evaluate.job.pkl").read_bytes())
+        seen.update(cmd=cmd, visible=env.get("CUDA_VISIBLE_DEVICES"), device=job["context"].device)
+        (tmp_path / "evaluate.out.pkl").write_bytes(pickle.dumps({"n": {}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(distributed.subprocess, "run", fake_run)
+    with context.use(context.RunContext(device="auto")):
+        assert distributed.evaluate({"path": "m"}, [], n=2, device="cpu", work=tmp_path) == {"n": {}}
+    assert seen["device"] == "cpu" and seen["visible"] == ""
+    assert "torch.distributed.run" in seen["cmd"]
+
+
 @pytest.mark.slow
 def test_a_compare_trains_an_arm_over_two_processes_and_evaluates_it(tmp_path, tiny_model, tiny_task, mirror):
     """Through the pipeline: the arm's job launches the ranks, then loads the saved adapter and evaluates it."""

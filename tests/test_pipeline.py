@@ -153,20 +153,22 @@ def test_resources_recorded_per_arm(run):
 
 def test_jobs_at_once_give_the_sequential_results(run, tmp_path, tiny_model, tiny_task, mirror):
     """--jobs 2: references and arms in their own processes, two at a time; every per-document record
-    and training loss equals the sequential run's (same seed, same CPU), and the report says how they ran."""
+    and training loss equals the sequential run's (same seed, same CPU), and the report says how they ran.
+    No --run-id: the jobs write into the run the parent named from the clock, not runs of their own."""
     out, _ = run
     args = ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", "full,qlora",
-            "--profile", "quick", "--mirror", str(mirror), "--run-id", "t1", "--jobs", "2",
-            "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"),
+            "--profile", "quick", "--mirror", str(mirror), "--jobs", "2",
+            "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), "--device", "cpu",
             "--baselines-dir", str(tmp_path / "baselines")]  # an empty cache: the references are jobs too
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    par, seq = tmp_path / "results/finance/t1", out / "results/finance/t1"
+    [par] = (tmp_path / "results/finance").iterdir()  # one run
+    seq = out / "results/finance/t1"
     config = json.loads((par / "config.json").read_text())
     assert config["jobs"] == 2 and config["train_data"]["examples"] == 32
     for arm in ("base", "base-nf4", "full", "qlora"):
         assert (par / f"samples/{arm}.csv").read_text() == (seq / f"samples/{arm}.csv").read_text(), arm
-        assert (tmp_path / f"work/finance/t1/jobs/{arm}.log").exists()
+        assert (tmp_path / f"work/finance/{par.name}/jobs/{arm}.log").exists()
     for arm in ("full", "qlora"):
         a, b = (json.loads((d / f"arms/{arm}.json").read_text())["train"] for d in (par, seq))
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6) and a["steps"] == b["steps"]

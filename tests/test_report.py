@@ -65,13 +65,19 @@ def test_plots_and_lm_eval_layout(run):
     assert "tokens/s" in m["summary"] and "stores a" in m["summary"]
 
 
-def test_failed_arm_is_reported_not_dropped(run, tmp_path):
+def _reported_with_failed(run, tmp_path, arm: str, stage: str, error: str):
+    """`harness report` on a copy of the run whose `arm` is recorded as failed with `error`."""
     run_dir = tmp_path / "t1"
     shutil.copytree(_run_dir(run), run_dir)
-    (run_dir / "arms/lora.json").write_text(json.dumps({"arm": "lora", "status": "failed", "inputs": "x",
-                                                        "stage": "training", "error_type": "OutOfMemoryError",
-                                                        "error": "torch.OutOfMemoryError: CUDA out of memory"}))
-    result = CliRunner().invoke(cli, ["report", str(run_dir)])
+    (run_dir / f"arms/{arm}.json").write_text(json.dumps({"arm": arm, "status": "failed", "inputs": "x",
+                                                          "stage": stage, "error_type": "OutOfMemoryError",
+                                                          "error": error}))
+    return run_dir, CliRunner().invoke(cli, ["report", str(run_dir)])
+
+
+def test_failed_arm_is_reported_not_dropped(run, tmp_path):
+    run_dir, result = _reported_with_failed(run, tmp_path, "lora", "training",
+                                            "torch.OutOfMemoryError: CUDA out of memory")
     assert result.exit_code == 0, result.output
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["failed_arms"] == {"lora": "torch.OutOfMemoryError: CUDA out of memory"}
@@ -79,6 +85,15 @@ def test_failed_arm_is_reported_not_dropped(run, tmp_path):
     md = (run_dir / "report.md").read_text()
     assert "**Failed arms:** lora: `torch.OutOfMemoryError: CUDA out of memory`" in md
     assert "**lora** failed" in m["summary"]
+
+
+def test_a_failed_base_is_named_with_its_error(run, tmp_path):
+    """Every comparison needs the base: without it no report, and the error says why it is absent."""
+    run_dir, result = _reported_with_failed(run, tmp_path, "base", "evaluating",
+                                            "CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert result.exit_code == 2, result.output
+    assert (f"Error: {run_dir}/arms/base.json: the base evaluation failed: CUDA out of memory. Tried to allocate "
+            "2.00 GiB") in result.output
 
 
 def test_report_without_provenance_or_resources(run, tmp_path):

@@ -64,6 +64,7 @@ def args(tmp_path, tiny_model, tiny_task, mirror, monkeypatch):
         return ["compare", "--task", str(tiny_task), "--model", str(tiny_model), "--methods", methods,
                 "--profile", "quick", "--mirror", str(mirror), "--run-id", run_id,
                 "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"),
+                "--device", "cpu",  # bit-for-bit equal runs: CPU's, on a GPU machine too
                 "training.save_steps=1"]
     return make
 
