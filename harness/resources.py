@@ -41,7 +41,7 @@ def rss_bytes() -> int:
             return 0
 
 
-def on_gpu() -> bool:
+def _on_gpu() -> bool:
     """The run works on a GPU (its --device, through the context): a CPU run on a machine with a
     GPU records no GPU figures, which would be another process's or zero."""
     return context.current().device_kind() == "cuda"
@@ -78,7 +78,7 @@ class _Nvml:
 
         self.source, self._read = None, None
         # Jobs sharing the device (harness/parallel.py): its whole-device figure would count the others.
-        if not on_gpu() or os.environ.get("HARNESS_SHARED_DEVICE"):
+        if not _on_gpu() or os.environ.get("HARNESS_SHARED_DEVICE"):
             return
         idx = torch.cuda.current_device()
         uuid = str(getattr(torch.cuda.get_device_properties(idx), "uuid", "") or "")
@@ -125,7 +125,7 @@ class measure:
     def __enter__(self):
         import torch
 
-        self._cuda = on_gpu()
+        self._cuda = _on_gpu()
         if self._cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -121,7 +121,7 @@ def record_failure(run_dir: Path, arm: str, inputs: str, stage: str, e: BaseExce
     import torch
 
     gpu = {}
-    if resources.on_gpu():
+    if models.device_kind() == "cuda":  # the run's device: none on a CPU run, GPU or not
         gpu = {"peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(),
                "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved()}
     records.write(run_dir / "arms" / f"{arm}.json", records.FailedArm(

@@ -13,8 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from harness import context
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_MIRROR = SHARED / "hf-mirror"
+# For tests whose figures are CPU's (fp32 logits, no GPU memory, gloo ranks' references), on a GPU
+# machine too: `with context.use(ON_CPU):`.
+ON_CPU = context.RunContext(device="cpu")
 
 WORDS = ("market stock shares profit loss rises falls bank rate cut growth weak strong earnings guidance "
          "the a of to in on and is was will up down bearish bullish neutral question answer yes no "

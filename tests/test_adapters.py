@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from conftest import ON_CPU
 from harness import adapters, context, merge, models, resources
 from harness.cli import cli
 from harness.config import HarnessError, load_task
@@ -19,9 +20,8 @@ RANK = 4
 LORA = {"r": RANK, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}
 QUANT = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
          "bnb_4bit_compute_dtype": "bfloat16"}
-# Merges and measurements on CPU, on a GPU machine too: fp32 logits (a GPU merges in bf16, whose
-# rounding the fp32 bounds below would not hold), and no GPU figures to record.
-ON_CPU = context.RunContext(device="cpu")
+# Merges and measurements run ON_CPU: fp32 logits (a GPU merges in bf16, whose rounding the fp32
+# bounds below would not hold), and no GPU figures to record.
 
 
 def _dims(tiny_model):

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import ON_CPU
 from harness import context, distributed, evaluate, models, train
 from harness.config import HarnessError, load_task
 
-# The ranks run on CPU (gloo), so the one-process reference does too, on a GPU machine as well.
-ON_CPU = context.RunContext(device="cpu")
+# The ranks run on CPU (gloo), so the one-process reference does too (ON_CPU), on a GPU machine as well.
 
 # The tiny task's quick profile: 4 optimizer steps at batch 8, micro-batch 2 (4 micro-steps a step in one
 # process, 2 in each of two).

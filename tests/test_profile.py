@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import ON_CPU
 from harness import context, models, profile
 from harness.config import HarnessError
 
@@ -29,7 +30,7 @@ def profiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
-        with context.use(context.RunContext(device="cpu")):  # the figures below are CPU's, on a GPU machine too
+        with context.use(ON_CPU):  # the figures below are CPU's, on a GPU machine too
             result = profile.run(arch="tiny-llama", methods=["full", "lora", "qlora"], batch=2, seq=32, rank=RANK,
                                  targets=TARGETS, steps=2, out_dir=out, save_dir=out / "work")
     return result, out
