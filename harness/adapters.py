@@ -7,8 +7,12 @@ load (once), each adapter's load and switch (milliseconds), each evaluation, and
 reloading base + adapter from scratch (the first adapter), which is what switching tasks costs
 without adapters on a shared base. Writes adapters.json and adapters.md under --out.
 
-The base is loaded in 4-bit when every adapter is a QLoRA adapter (as the harness recorded beside
-it), else in 16-bit: adapters on one base must share it.
+The tasks are evaluated as `harness compare` evaluates them (harness/evalplan.py): any lm-eval
+task type, a group scored as lm-eval aggregates it, each suite's few-shot and chat-template settings,
+the profile's document and generation limits; the suites' perplexity task is left to compare. The
+base is loaded in 4-bit when every adapter is a QLoRA adapter (as the harness recorded beside it),
+else in 16-bit: adapters on one base must share it. The caller's RunContext (device, remote code,
+pickled weights, --include-path task directories) applies, as for compare.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import json
 import time
 from pathlib import Path
 
-from harness import evaluate, models
-from harness.config import HarnessError, load_suite, load_task
+from harness import evalplan, evaluate, models
+from harness.config import HarnessError, load_task
 from harness.data import mirror_dir
 from harness.io import write_json, write_text
 
@@ -49,16 +53,12 @@ def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite:
         if not (Path(a) / "adapter_config.json").is_file():
             raise HarnessError(f"{a}: no adapter_config.json (not a PEFT adapter directory)")
     cfg = load_task(task)
-    suite_cfg = load_suite(cfg.suites[0])  # the first suite: the multiple-choice general benchmarks
-    metrics = {t.task: t.metric for t in cfg.in_domain}
-    if suite:
-        metrics.update({t.task: t.metric for t in suite_cfg.tasks if t.task not in metrics})
-    tasks = list(metrics)
     profile_name = profile or ("full" if models.device_kind() == "cuda" else "quick")
     if profile_name not in cfg.profiles:
         raise HarnessError(f"--profile {profile_name}: not defined under profiles: of task {cfg.name}")
     prof = cfg.profiles[profile_name]
-    evaluate.check_tasks(tasks)
+    mirror_path = mirror_dir(mirror)
+    plan = evalplan.build(cfg, cfg.suites if suite else [], mirror=mirror_path)
     records = [_record(Path(a)) for a in adapters]
     base = base or records[0].get("base_model") or json.loads(
         (Path(adapters[0]) / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -66,9 +66,11 @@ def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite:
         raise HarnessError(f"{adapters[0]}: no base model recorded; give --base MODEL")
     base_path = models.resolve_model(base).path
     quant = records[0].get("quant") if all(r.get("method") == "qlora" for r in records) else None
-    eval_kw = dict(mirror=mirror_dir(mirror), limit=prof.limit, batch_size=prof.eval_batch_size,
-                   num_fewshot=suite_cfg.num_fewshot, seed=cfg.training.seed, backend=prof.eval_backend)
     tokenizer = models.load_tokenizer(base_path)
+    runs = plan.runs(prof, has_chat_template=tokenizer.chat_template is not None)
+    tasks = [r.task for r in runs]
+    eval_kw = dict(mirror=mirror_path, batch_size=prof.eval_batch_size, seed=cfg.training.seed,
+                   backend=prof.eval_backend)
 
     def sync():
         if torch.cuda.is_available():
@@ -93,8 +95,8 @@ def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite:
         model.set_adapter(row["adapter"])
         sync()
         row["switch_ms"] = 1e3 * (time.perf_counter() - t)
-        ev = evaluate.evaluate(model, tokenizer, tasks, **eval_kw)
-        row.update(eval_seconds=ev["seconds"], results=ev["results"], n=ev["n"])
+        ev = evaluate.evaluate(model, tokenizer, runs, **eval_kw)
+        row.update(eval_seconds=ev["seconds"], results=ev["results"], n=ev["n"], scores=scores(plan, ev))
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -108,7 +110,9 @@ def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite:
     del fresh
     gc.collect()
 
-    result = {"base": base_path, "base_4bit": quant is not None, "task": cfg.name, "tasks": tasks, "metrics": metrics,
+    entries = [{"task": e.task, "metric": e.metric, "role": e.role, "kind": e.kind, "leaves": e.leaves}
+               for e in plan.entries]
+    result = {"base": base_path, "base_4bit": quant is not None, "task": cfg.name, "tasks": tasks, "entries": entries,
               "profile": profile_name, "limit": prof.limit, "eval_backend": prof.eval_backend,
               "device": models.device_kind(),
               "base_load_seconds": base_seconds, "reload_base_and_adapter_seconds": reload_seconds,
@@ -119,16 +123,34 @@ def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite:
     return result
 
 
+def scores(plan: evalplan.EvalPlan, ev: dict) -> dict[str, float | None]:
+    """Each entry's counted metric: a task's own value; a group's as lm-eval aggregates its subtasks."""
+    out = {}
+    for e in plan.entries:
+        values = {leaf: ev["results"][leaf].get(e.metric) for leaf in e.leaves}
+        if e.kind != "group":
+            out[e.task] = values[e.task]
+        elif None in values.values():
+            out[e.task] = None
+        else:
+            w = evalplan.leaf_weights(e.to_dict(), ev["n"])
+            out[e.task] = sum(w[leaf] * v for leaf, v in values.items())
+    return out
+
+
 def render_md(r: dict) -> str:
+    entries = r["entries"]
+    heads = [f"{e['task']}{' (group)' if e['kind'] == 'group' else ''} {e['metric']}" for e in entries]
     lines = [f"# Adapters on one base: {Path(r['base']).name}", "",
              f"Base loaded once in {r['base_load_seconds']:.2f} s ({'4-bit NF4' if r['base_4bit'] else '16-bit'}, "
              f"{r['device']}); reloading base + adapter from scratch took {r['reload_base_and_adapter_seconds']:.2f} s. "
-             f"Tasks: {', '.join(r['tasks'])} (profile {r['profile']}, limit {r['limit']}).", "",
-             "| adapter | method | load (ms) | switch (ms) | eval (s) | " + " | ".join(f"{t} {r['metrics'][t]}" for t in r["tasks"])
-             + " |", "| --- | --- | --- | --- | --- |" + " --- |" * len(r["tasks"])]
+             f"Task {r['task']}: {', '.join(e['task'] for e in entries)} (profile {r['profile']}, "
+             f"limit {r['limit']}).", "",
+             "| adapter | method | load (ms) | switch (ms) | eval (s) | " + " | ".join(heads) + " |",
+             "| --- | --- | --- | --- | --- |" + " --- |" * len(entries)]
     for row in r["adapters"]:
-        values = [row["results"][t].get(r["metrics"][t]) for t in r["tasks"]]
-        scores = " | ".join("-" if v is None else f"{v:.3f}" for v in values)
+        values = [row["scores"].get(e["task"]) for e in entries]
+        cells = " | ".join("-" if v is None else f"{v:.3f}" for v in values)
         lines.append(f"| {row['adapter']} | {row['method'] or '-'} | {row['load_ms']:.1f} | {row['switch_ms']:.2f} | "
-                     f"{row['eval_seconds']:.1f} | {scores} |")
+                     f"{row['eval_seconds']:.1f} | {cells} |")
     return "\n".join(lines) + "\n"

@@ -173,7 +173,7 @@ def _record_trained(arm: Arm, arm_dir: Path, inputs: str, model, stats: dict, *,
     s = {**stats, "oom_retry": retry, **({"replay": replayed} if replayed else {})}
     records.write(arm_dir / "train.json", records.TrainRecord(inputs, s))
     stop_point(f"trained:{arm.name}")
-    log(f"{arm.name}: {s['steps']} steps in {s['seconds']:.0f}s, loss {s['train_loss']:.4f}, "
+    log(f"{arm.name}: {s['steps']} steps in {s['seconds']:.0f}s, mean loss {s['train_loss']:.4f}, "
         f"{s['trainable_params']:,} trainable ({s['trainable_pct']:.2f}%)")
     return model, s
 

@@ -33,6 +33,40 @@ def cli():
     (Q)LoRA, with lm-eval benchmarks before and after, memory, time and storage."""
 
 
+def _context_options(*, include_path: bool) -> list:
+    """What a command may load and run (harness/context.py): the same options wherever a model loads."""
+    options = [
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="auto: the GPU when there is one. cuda fails at once where there is none."),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Allow a model that ships its own Python code (config.json auto_map). Off by default."),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Accept .bin/.pt weights (unpickling can run code). Default: safetensors only."),
+    ]
+    if include_path:
+        options.append(click.option(
+            "--include-path", multiple=True, type=click.Path(exists=True, file_okay=False),
+            help="Another directory of lm-eval task YAMLs besides tasks/ (their !function hooks run as Python); "
+                 "repeatable."))
+    return options
+
+
+def _context(device="auto", trust_remote_code=False, allow_pickle=False, include_path=()):
+    """The RunContext those options ask for, checked (one line naming the option otherwise)."""
+    from harness import context
+
+    return context.RunContext.checked(device=device, trust_remote_code=trust_remote_code,
+                                      allow_pickle=allow_pickle, include_paths=include_path)
+
+
+def _with_options(options: list):
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
 def run_options(fn):
     """Options shared by compare and sweep (sqlite-utils style reusable decorators)."""
     options = [
@@ -62,22 +96,12 @@ def run_options(fn):
                      help="Arms and reference evaluations run at once, each in its own process. auto: on a GPU, as "
                           "many as its free memory holds (a small model leaves it mostly idle); 1 on CPU. Times "
                           "measured with several include their contention: --jobs 1 for isolated stage times."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                     help="auto: the GPU when there is one. cuda fails at once where there is none."),
-        click.option("--trust-remote-code", is_flag=True,
-                     help="Allow a model that ships its own Python code (config.json auto_map). Off by default."),
-        click.option("--allow-pickle", is_flag=True,
-                     help="Accept .bin/.pt weights (unpickling can run code). Default: safetensors only."),
-        click.option("--include-path", multiple=True, type=click.Path(exists=True, file_okay=False),
-                     help="Another directory of lm-eval task YAMLs besides tasks/ (their !function hooks run "
-                          "as Python); repeatable."),
+        *_context_options(include_path=True),
         click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Resume RUN_DIR with its recorded settings: finished stages are reused, the rest redone."),
         click.argument("overrides", nargs=-1),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return _with_options(options)(fn)
 
 
 def _spec(methods, **kw):
@@ -233,16 +257,22 @@ def profile(arch, methods, batch, seq, rank, targets, steps, gradient_checkpoint
               help="Dtype of the merged model. Default: bfloat16 on GPU, float32 on CPU.")
 @click.option("--tolerance", type=float, default=None,
               help="Max logit difference allowed, relative to the largest logit. Default: per dtype.")
-def merge(adapter_dir, out, base, dtype, tolerance):
+@_with_options(_context_options(include_path=False))
+def merge(adapter_dir, out, base, dtype, tolerance, **loading):
     """Merge a LoRA/QLoRA adapter into its base and verify the logits; QLoRA merges into the 16-bit base.
 
     Example:
 
         harness merge work/finance/RUN/qlora/adapter --out work/finance/RUN/qlora/merged
     """
+    from harness import context
     from harness.merge import run as run_merge
 
-    rec = _guard(lambda: run_merge(adapter_dir, out, base=base, dtype=dtype, tolerance=tolerance))
+    def merged():
+        with context.use(_context(**loading)):
+            return run_merge(adapter_dir, out, base=base, dtype=dtype, tolerance=tolerance)
+
+    rec = _guard(merged)
     v = rec["verification"]
     click.echo(f"merged {rec['method']} adapter into {rec['merged_into']}", err=True)
     click.echo(f"max |logit diff| vs base + adapter: {v['max_abs_diff_vs_base_plus_adapter']:.3g} "
@@ -260,24 +290,30 @@ def merge(adapter_dir, out, base, dtype, tolerance):
 @click.argument("adapter_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--base", default=None, help="Base model. Default: the one the first adapter records.")
 @click.option("--task", default="finance", show_default=True, help="Task whose in-domain lm-eval tasks are run.")
-@click.option("--suite", is_flag=True, help="Also evaluate the task's general suite.")
+@click.option("--suite", is_flag=True, help="Also evaluate the task's suites (its suite: list), as compare does.")
 @click.option("--profile", type=click.Choice(PROFILES), default=None,
               help="Document limits from the task's profiles. Default: quick on CPU, full on GPU.")
 @click.option("--mirror", type=click.Path(file_okay=False), default=None, envvar="HARNESS_MIRROR",
               help="Local dataset mirror. Env: HARNESS_MIRROR.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where adapters.json and adapters.md go.")
-def adapters(adapter_dirs, base, task, suite, profile, mirror, out):
+@_with_options(_context_options(include_path=True))
+def adapters(adapter_dirs, base, task, suite, profile, mirror, out, **loading):
     """Evaluate several adapters on one loaded base, switching between them; timed.
 
     Example:
 
         harness adapters work/finance/RUN/lora/adapter work/finance/RUN/qlora/adapter --out results/adapters
     """
+    from harness import context
     from harness.adapters import run as run_adapters
 
-    _guard(lambda: run_adapters(base=base, adapters=list(adapter_dirs), task=task, suite=suite, profile=profile,
-                                mirror=mirror, out=out))
+    def evaluated():
+        with context.use(_context(**loading)):
+            return run_adapters(base=base, adapters=list(adapter_dirs), task=task, suite=suite, profile=profile,
+                                mirror=mirror, out=out)
+
+    _guard(evaluated)
     click.echo(out / "adapters.md")
 
 

@@ -453,8 +453,13 @@ def _named_file(directory: Path, name: str, kind: str) -> Path:
     return path
 
 
+def task_path(name: str) -> Path:
+    """The task file `--task NAME` names: tasks/<NAME>.yaml, or a path."""
+    return _named_file(TASKS_DIR, name, "task")
+
+
 def load_task(name: str, overrides: list[str] | None = None) -> TaskConfig:
-    path = _named_file(TASKS_DIR, name, "task")
+    path = task_path(name)
     data = apply_overrides(read_yaml(path), overrides or [], str(path))
     return build(TaskConfig, data, str(path))
 

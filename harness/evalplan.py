@@ -49,7 +49,7 @@ class Entry:
 
 @dataclass
 class EvalPlan:
-    suite: SuiteConfig  # the merged suite (name "a+b"), for the report and the config record
+    suite: SuiteConfig | None  # the merged suite (name "a+b"), for the report and the config record; None: in-domain only
     entries: list[Entry]
     perplexity: PerplexityTask | None
 
@@ -88,7 +88,8 @@ class EvalPlan:
 
 
 def build(task: TaskConfig, suite_names: list[str], *, mirror: Path | None) -> EvalPlan:
-    """Suites merged, entries expanded and checked (names, metrics, filters, mirror, NLTK data)."""
+    """Suites merged, entries expanded and checked (names, metrics, filters, mirror, NLTK data). No
+    suite names: the in-domain tasks alone (`harness adapters` without --suite)."""
     suites = [load_suite(s) for s in suite_names]
     entries: list[Entry] = []
     for s in suites:
@@ -133,8 +134,34 @@ def build(task: TaskConfig, suite_names: list[str], *, mirror: Path | None) -> E
     merged = SuiteConfig(name="+".join(s.name for s in suites),
                          tasks=[EvalTask(e.task, e.metric, e.num_fewshot) for e in entries if e.role == "suite"],
                          description="; ".join(s.description for s in suites if s.description),
-                         num_fewshot=suites[0].num_fewshot, perplexity=perplexity)
+                         num_fewshot=suites[0].num_fewshot, perplexity=perplexity) if suites else None
     return EvalPlan(suite=merged, entries=entries, perplexity=perplexity)
+
+
+def leaf_weights(e: dict, sizes: dict[str, int]) -> dict[str, float]:
+    """Each subtask's share of a group's aggregate, as lm-eval computes it level by level: children
+    weighted by their size (weight_by_size, the default) or equally; a group without an
+    aggregate_metric_list counts its children equally."""
+    groups = e["groups"]
+
+    def size(node: str) -> int:
+        return sizes.get(node, 0) if node not in groups else sum(size(c) for c in groups[node]["children"])
+
+    def walk(node: str, share: float, out: dict) -> None:
+        if node not in groups:
+            out[node] = out.get(node, 0.0) + share
+            return
+        children = groups[node]["children"]
+        agg = groups[node]["aggregate"] or []
+        by_size = all(a.get("weight_by_size", True) for a in agg) if agg else False
+        w = [size(c) if by_size else 1 for c in children]
+        total = sum(w) or 1
+        for c, wc in zip(children, w):
+            walk(c, share * wc / total, out)
+
+    out: dict[str, float] = {}
+    walk(e["task"], 1.0, out)
+    return out
 
 
 def _resolve(e: Entry, leaf_settings: dict, *, mirror: Path | None) -> None:

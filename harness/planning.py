@@ -23,7 +23,7 @@ from pathlib import Path
 
 from harness import (baselines, context, distributed, evalplan, evaluate, memory, models, parallel, points, provenance,
                      records, replay)
-from harness.config import METHODS, PROJECT_ROOT, HarnessError, MethodName, TaskConfig, load_task, to_dict
+from harness.config import METHODS, PROJECT_ROOT, HarnessError, MethodName, TaskConfig, load_task, task_path, to_dict
 from harness.data import mirror_dir
 from harness.io import environment, log, remove_partial
 
@@ -107,7 +107,7 @@ def plan(spec: CompareSpec, arms: list[Arm], *, child: bool = False) -> Plan:
         if arm.method not in METHODS:
             raise HarnessError(f"--methods: unknown method '{arm.method}'; valid: {', '.join(METHODS)}")
         if arm.method not in task.methods:
-            raise HarnessError(f"--methods: '{arm.method}' has no settings under methods: in the task file of {task.name}")
+            raise HarnessError(f"--methods: '{arm.method}' has no settings under methods: in {task_path(spec.task)}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,-]{0,150}", arm.name) or arm.name == "base":
             raise HarnessError(f"arm name {arm.name!r}: use letters, digits and . _ = , - only")
         arm_tasks[arm.name] = load_task(spec.task, [*spec.overrides, *arm.overrides])  # each must be valid

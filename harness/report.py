@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from harness import plots, records, stats
+from harness import evalplan, plots, records, stats
 from harness.io import read_json, read_samples, write_json, write_text
 from harness.render import to_html, to_markdown
 
@@ -132,35 +132,9 @@ def _stderr_key(metric: str | None) -> str:
     return f"{m}_stderr" + (f",{f}" if f else "")
 
 
-def _leaf_weights(e: dict, sizes: dict[str, int]) -> dict[str, float]:
-    """Each subtask's share of a group's aggregate, as lm-eval computes it level by level: children
-    weighted by their size (weight_by_size, the default) or equally; a group without an
-    aggregate_metric_list counts its children equally."""
-    groups = e["groups"]
-
-    def size(node: str) -> int:
-        return sizes.get(node, 0) if node not in groups else sum(size(c) for c in groups[node]["children"])
-
-    def walk(node: str, share: float, out: dict) -> None:
-        if node not in groups:
-            out[node] = out.get(node, 0.0) + share
-            return
-        children = groups[node]["children"]
-        agg = groups[node]["aggregate"] or []
-        by_size = all(a.get("weight_by_size", True) for a in agg) if agg else False
-        w = [size(c) if by_size else 1 for c in children]
-        total = sum(w) or 1
-        for c, wc in zip(children, w):
-            walk(c, share * wc / total, out)
-
-    out: dict[str, float] = {}
-    walk(e["task"], 1.0, out)
-    return out
-
-
 def _group_score(e: dict, tasks: dict) -> dict:
     sizes = {leaf: tasks[leaf]["n"] for leaf in e["leaves"]}
-    w = _leaf_weights(e, sizes)
+    w = evalplan.leaf_weights(e, sizes)
     scores = {leaf: tasks[leaf]["score"] for leaf in e["leaves"]}
     score = None if any(v is None for v in scores.values()) else sum(w[t] * scores[t] for t in scores)
     return {"metric": e["metric"], "score": score, "stderr": None, "n": sum(sizes.values()), "all": {},
@@ -275,7 +249,7 @@ def _compare(base: dict, arm: dict, entries: list[dict], measurable: dict, seed:
             continue
         if e["kind"] == "group":
             sizes = {leaf: len(pairs[leaf][metric][0]) for leaf in e["leaves"]}
-            w = _leaf_weights(e, sizes)
+            w = evalplan.leaf_weights(e, sizes)
             sub = {leaf: pairs[leaf][metric] for leaf in e["leaves"]}
             c = stats.aggregate_delta(sub, n_boot=N_BOOT, seed=seed, task_weights=w)
             c["proportion"] = all(comp["tasks"][leaf][metric]["proportion"] for leaf in e["leaves"])
@@ -956,16 +930,23 @@ def _flips(metrics: dict, tasks: list[str]) -> list[tuple]:
     return [("h", 2, "Flips (counted metric)"), ("table", header, rows)]
 
 
+def _last_loss(train: dict) -> str:
+    """The last logged window's mean loss and its step; "–" when training ended before the first log."""
+    history = train.get("loss_history") or []
+    return f"{history[-1]['loss']:.4f} (step {history[-1]['step']})" if history else "–"
+
+
 def _training(metrics: dict) -> list[tuple]:
     rows = []
     for arm, a in metrics["arms"].items():
         t = a["train"]
         if t:
             rows.append([_lab(metrics, arm), t["method"], t["steps"], f"{t.get('epochs', 'n/a')}", t.get("batch_size", "n/a"),
-                         f"{t['learning_rate']:g}", f"{t['train_loss']:.4f}", t.get("compute_dtype") or "n/a"])
+                         f"{t['learning_rate']:g}", f"{t['train_loss']:.4f}", _last_loss(t), t.get("compute_dtype") or "n/a"])
     if not rows:
         return []
-    header = ["arm", "method", "steps", "epochs", "batch", "lr", "final loss", "compute"]
+    # The Trainer's training_loss is the mean over every step; the last logged window shows where it ended.
+    header = ["arm", "method", "steps", "epochs", "batch", "lr", "mean loss", "last logged loss", "compute"]
     blocks = [("h", 2, "Training"), ("table", header, rows)]
     optims = {arm: a["train"]["optim"] for arm, a in metrics["arms"].items()
               if a["train"] and a["train"].get("optim") not in (None, "adamw_torch_fused", "adamw_torch")}

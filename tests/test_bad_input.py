@@ -94,7 +94,7 @@ CASES = [
      ["unknown lm-eval task 'finance_tweetz'", "did you mean"]),
     ("unknown-method", lambda e: ["--methods", "full,adapter"], ["unknown method 'adapter'", "valid: full, lora, qlora"]),
     ("method-without-settings", lambda e: ["--task", _task_file(e, lambda d: d["methods"].pop("lora")),
-                                           "--methods", "lora"], ["'lora' has no settings under methods:"]),
+                                           "--methods", "lora"], ["'lora' has no settings under methods: in /", "/task.yaml"]),
     ("unknown-model", lambda e: ["--model", "not-a-model"], ["--model not-a-model: not a local directory"]),
     ("model-dir-without-config", lambda e: ["--model", str(e.tmp)], ["has no config.json"]),
     ("mirror-missing", lambda e: ["--mirror", "/does/not/exist"], ["mirror directory /does/not/exist does not exist"]),

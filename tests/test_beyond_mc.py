@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from harness import context, drift, evaluate, models, stats
+from harness import context, drift, evalplan, evaluate, models, stats
 from harness.cli import cli
 from conftest import WORDS, write_jsonl
 
@@ -57,13 +57,11 @@ def test_group_expands_to_its_subtasks_with_lm_evals_weights(extra):
     ex = evaluate.expand("tiny_group")
     assert ex["kind"] == "group" and ex["leaves"] == ["arc_easy", "boolq"]
     assert ex["groups"]["tiny_group"]["aggregate"] == [{"metric": "acc", "filter_list": ["none"], "weight_by_size": True}]
-    from harness.report import _leaf_weights
-
     entry = {"task": "tiny_group", "groups": ex["groups"]}
-    assert _leaf_weights(entry, {"arc_easy": 30, "boolq": 10}) == pytest.approx({"arc_easy": 0.75, "boolq": 0.25})
+    assert evalplan.leaf_weights(entry, {"arc_easy": 30, "boolq": 10}) == pytest.approx({"arc_easy": 0.75, "boolq": 0.25})
     unweighted = {"task": "g", "groups": {"g": {"children": ["a", "b"], "aggregate": [{"metric": "acc",
                                                                                        "weight_by_size": False}]}}}
-    assert _leaf_weights(unweighted, {"a": 30, "b": 10}) == pytest.approx({"a": 0.5, "b": 0.5})
+    assert evalplan.leaf_weights(unweighted, {"a": 30, "b": 10}) == pytest.approx({"a": 0.5, "b": 0.5})
 
 
 def test_generate_until_records_every_filter_as_its_own_metric(extra, tiny_model, mirror):
@@ -244,6 +242,52 @@ def test_free_text_domain_with_group_suite_trains_end_to_end(extra, tmp_path, ti
     assert rows[0] == "task,doc_id,doc_hash,filter,metric,value,weight"
     qa_rows = [r for r in rows if r.startswith("tiny_qa,")]
     assert len(qa_rows) == 8 * 2 and {r.split(",")[3] for r in qa_rows} == {"whole", "first-word"}
+
+
+def test_adapters_evaluate_a_free_text_domain_and_a_group_suite_from_an_include_path(extra, tmp_path, tiny_model,
+                                                                                     tiny_task, mirror):
+    """`harness adapters` runs the evaluation plan compare runs: a generate_until in-domain task with a
+    filtered metric (and its @answer twin), a group in the suite, tasks from --include-path."""
+    import torch
+
+    suite = {"name": "grouped", "tasks": [{"task": "tiny_group", "metric": "acc"}]}
+    (tmp_path / "grouped.yaml").write_text(yaml.safe_dump(suite))
+    task = yaml.safe_load(tiny_task.read_text())
+    task.update(name="qa", suite=str(tmp_path / "grouped.yaml"),
+                train={"dataset": "tiny/qa", "split": "train", "format_task": "tiny_qa"},
+                in_domain=[{"task": "tiny_qa", "metric": "exact_match,first-word"}])
+    task["profiles"]["quick"].update(max_gen_toks=2, generate_limit=6)
+    path = tmp_path / "qa.yaml"
+    path.write_text(yaml.safe_dump(task, sort_keys=False))
+    torch.manual_seed(0)
+    model, _, _ = models.build_model("lora", str(tiny_model), lora={"r": 4, "lora_alpha": 8,
+                                                                    "target_modules": "all-linear"}, quant=None)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapter = tmp_path / "lora" / "adapter"
+    models.save_arm(model, models.load_tokenizer(str(tiny_model)), adapter,
+                    record={"method": "lora", "base_model": str(tiny_model), "quant": None})
+    args = ["adapters", str(adapter), "--task", str(path), "--suite", "--profile", "quick", "--mirror", str(mirror),
+            "--out", str(tmp_path / "out"), "--device", "cpu"]
+    # Its own context, not the caller's: without --include-path the domain's task is unknown.
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "unknown lm-eval task 'tiny_group'" in result.output, result.output
+    result = CliRunner().invoke(cli, [*args, "--include-path", str(extra)])
+    assert result.exit_code == 0, result.output
+    r = json.loads((tmp_path / "out" / "adapters.json").read_text())
+    assert [e["task"] for e in r["entries"]] == ["tiny_group", "tiny_qa", "tiny_qa@answer"]
+    assert r["tasks"] == ["arc_easy", "boolq", "tiny_qa", "tiny_qa@answer"]
+    row = r["adapters"][0]
+    n, results, scores = row["n"], row["results"], row["scores"]
+    assert n["tiny_qa"] == n["tiny_qa@answer"] == 6 and n["arc_easy"] == n["boolq"] == 8  # the profile's limits
+    assert scores["tiny_qa"] == results["tiny_qa"]["exact_match,first-word"]
+    assert scores["tiny_qa@answer"] == results["tiny_qa@answer"]["bits_per_byte"]
+    weighted = sum(results[t]["acc"] * n[t] for t in ("arc_easy", "boolq")) / (n["arc_easy"] + n["boolq"])
+    assert scores["tiny_group"] == pytest.approx(weighted)
+    md = (tmp_path / "out" / "adapters.md").read_text()
+    assert "tiny_group (group) acc" in md and "tiny_qa exact_match,first-word" in md
 
 
 def test_samples_round_trip_one_row_per_metric_plain_and_gzipped(tmp_path):

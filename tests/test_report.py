@@ -132,6 +132,22 @@ def test_training_on_cuda_graphs_is_said_beside_the_memory():
     assert len(report._training(metrics)) == 2  # no graphs, no note
 
 
+def test_the_training_table_gives_the_mean_loss_and_where_it_ended():
+    """The Trainer's training_loss is the mean over all steps: labelled so, beside the last logged window."""
+    from harness import report
+
+    train = {"method": "full", "steps": 597, "epochs": 1.0, "batch_size": 16, "learning_rate": 2e-5,
+             "train_loss": 0.5464, "compute_dtype": "float32",
+             "loss_history": [{"step": 580, "loss": 0.2793}, {"step": 590, "loss": 0.2415}]}
+    short = {**train, "steps": 8, "loss_history": []}  # ended before its first log
+    metrics = {"arms": {"base": {"train": None}, "full": {"train": train}, "lora": {"train": short}}}
+    (_, header, rows) = report._training(metrics)[1]
+    by_column = [dict(zip(header, row)) for row in rows]
+    assert [(r["mean loss"], r["last logged loss"]) for r in by_column] == [("0.5464", "0.2415 (step 590)"),
+                                                                            ("0.5464", "–")]
+    assert "final loss" not in header
+
+
 def test_a_not_significant_delta_says_what_this_n_could_detect():
     from harness.report import _score_table
 
