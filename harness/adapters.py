@@ -113,7 +113,7 @@ def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite:
     entries = [{"task": e.task, "metric": e.metric, "role": e.role, "kind": e.kind, "leaves": e.leaves}
                for e in plan.entries]
     result = {"base": base_path, "base_4bit": quant is not None, "task": cfg.name, "tasks": tasks, "entries": entries,
-              "profile": profile_name, "limit": prof.limit, "eval_backend": prof.eval_backend,
+              "profile": profile_name, "limit": prof.limit, "generate_limit": prof.generate_limit, "eval_backend": prof.eval_backend,
               "device": models.device_kind(),
               "base_load_seconds": base_seconds, "reload_base_and_adapter_seconds": reload_seconds,
               "adapters": rows}
@@ -138,14 +138,22 @@ def scores(plan: evalplan.EvalPlan, ev: dict) -> dict[str, float | None]:
     return out
 
 
+def _limits(r: dict) -> str:
+    if r["limit"] is None and r.get("generate_limit") is None:
+        return "all documents"
+    text = f"at most {r['limit']} documents per task" if r["limit"] is not None else "all documents"
+    if r.get("generate_limit") is not None:
+        text += f", {r['generate_limit']} per generation task"
+    return text
+
+
 def render_md(r: dict) -> str:
     entries = r["entries"]
     heads = [f"{e['task']}{' (group)' if e['kind'] == 'group' else ''} {e['metric']}" for e in entries]
     lines = [f"# Adapters on one base: {Path(r['base']).name}", "",
              f"Base loaded once in {r['base_load_seconds']:.2f} s ({'4-bit NF4' if r['base_4bit'] else '16-bit'}, "
              f"{r['device']}); reloading base + adapter from scratch took {r['reload_base_and_adapter_seconds']:.2f} s. "
-             f"Task {r['task']}: {', '.join(e['task'] for e in entries)} (profile {r['profile']}, "
-             f"limit {r['limit']}).", "",
+             f"Task {r['task']}: {', '.join(e['task'] for e in entries)} (profile {r['profile']}: {_limits(r)}).", "",
              "| adapter | method | load (ms) | switch (ms) | eval (s) | " + " | ".join(heads) + " |",
              "| --- | --- | --- | --- | --- |" + " --- |" * len(entries)]
     for row in r["adapters"]:

@@ -405,7 +405,7 @@ def summary(metrics: dict, suite_tasks: list[str], domain_tasks: list[str]) -> s
               if c["forgetting"] and a in trained]
     if len(ranked) > 1:
         worst = min(ranked, key=lambda x: x[1])
-        parts.append(f"Most negative mean general change: {worst[0]} ({100 * worst[1]:+.1f} points); "
+        parts.append(f"Lowest mean general change: {worst[0]} ({100 * worst[1]:+.1f} points); "
                      "compare CIs before calling one arm more forgetful than another.")
     for arm, error in metrics.get("failed_arms", {}).items():
         parts.append(f"**{arm}** failed and has no scores ({_first_line(error)}).")

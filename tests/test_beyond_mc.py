@@ -288,6 +288,7 @@ def test_adapters_evaluate_a_free_text_domain_and_a_group_suite_from_an_include_
     assert scores["tiny_group"] == pytest.approx(weighted)
     md = (tmp_path / "out" / "adapters.md").read_text()
     assert "tiny_group (group) acc" in md and "tiny_qa exact_match,first-word" in md
+    assert "at most 8 documents per task, 6 per generation task" in md
 
 
 def test_samples_round_trip_one_row_per_metric_plain_and_gzipped(tmp_path):

@@ -132,6 +132,17 @@ def test_training_on_cuda_graphs_is_said_beside_the_memory():
     assert len(report._training(metrics)) == 2  # no graphs, no note
 
 
+def test_the_summary_names_the_arm_with_the_lowest_general_change(run):
+    from harness import report
+
+    metrics = json.loads((_run_dir(run) / "metrics.json").read_text())
+    deltas = {a: c["forgetting"]["delta"] for a, c in metrics["comparisons"].items()
+              if c["forgetting"] and a in ("full", "lora", "qlora")}
+    lowest = min(deltas, key=deltas.get)
+    text = report.summary(metrics, [], [])
+    assert f"Lowest mean general change: {lowest} ({100 * deltas[lowest]:+.1f} points)" in text
+
+
 def test_the_training_table_gives_the_mean_loss_and_where_it_ended():
     """The Trainer's training_loss is the mean over all steps: labelled so, beside the last logged window."""
     from harness import report
