@@ -71,6 +71,7 @@ def run(run_dir: Path) -> Path:
         if _method(arm) == "qlora" and NF4_REFERENCE in arms:
             comp["vs_nf4_base"] = _compare(arms[NF4_REFERENCE], arm, entries, measurable, seed)
         metrics["comparisons"][name] = comp
+    metrics["ceiling"] = _ceiling(metrics, entries)
     metrics["mitigations"] = _mitigation_effects(config, arms, entries, measurable, seed)
     metrics["failed_arms"] = failed
     metrics["missing_arms"] = [m for m in [*config["methods"], *point_of] if m not in arms and m not in failed]
@@ -203,6 +204,32 @@ def _measurability(arms: dict, entries: list[dict]) -> dict:
         if correct:
             out[e["task"]] = stats.above_chance(correct, choices)
     return out
+
+
+def _ceiling(metrics: dict, entries: list[dict]) -> list[str]:
+    """In-domain tasks whose base already scores every document right (a proportion at 100%, higher
+    better): no arm can show learning there, only a loss."""
+    base = metrics["arms"]["base"]["tasks"]
+    out = []
+    for e in entries:
+        b = base.get(e["task"])
+        if e["role"] != "in_domain" or not b or b["score"] != 1.0 or not _direction(e, e["leaves"][0], e["metric"]):
+            continue
+        comps = [c["tasks"].get(e["task"], {}).get(e["metric"]) for c in metrics["comparisons"].values()]
+        if any(c and c.get("proportion") for c in comps):
+            out.append(e["task"])
+    return out
+
+
+def _limit_label(metrics: dict, task: str, role: str, *, short: bool) -> str:
+    """What a task's base leaves no room for: forgetting at chance (suite), learning at ceiling (in-domain)."""
+    if role == "suite":
+        m = metrics.get("measurability", {}).get(task)
+        if m is not None and not m["above_chance"]:
+            return " (at chance)" if short else f" — at chance ({100 * m['chance']:.0f}%): cannot show forgetting"
+    elif task in metrics.get("ceiling", []):
+        return " (at ceiling)" if short else " — at ceiling (base 100%): cannot show learning"
+    return ""
 
 
 def _choice_counts(arms: dict, task: str) -> dict[int, int]:
@@ -527,12 +554,12 @@ def _others(metrics: dict) -> list[str]:
     return [a for a in metrics["arms"] if a != "base"]
 
 
-def _score_table(metrics: dict, tasks: list[str]) -> tuple:
+def _score_table(metrics: dict, tasks: list[str], role: str) -> tuple:
     """Arms as columns for a few arms (arms as rows for many); each score in percent where the metric
-    is a proportion, else as is."""
+    is a proportion, else as is. `role`: suite or in_domain (what a task's base leaves no room for)."""
     arms = _others(metrics)
     if len(arms) > WIDE_MAX:
-        return _score_rows(metrics, tasks, arms)
+        return _score_rows(metrics, tasks, arms, role)
     header = ["task", "metric", "n", "base"] + [c for a in arms for c in (a, f"Δ {a} [95% CI]")]
     rows = []
     for task in tasks:
@@ -541,10 +568,7 @@ def _score_table(metrics: dict, tasks: list[str]) -> tuple:
             continue
         comps = [metrics["comparisons"][a]["tasks"].get(task, {}).get(b["metric"]) for a in arms]
         pct = next((c["proportion"] for c in comps if c and "proportion" in c), True)
-        m = metrics.get("measurability", {}).get(task)
-        name = task + (" (group)" if b.get("subtasks") else "")
-        if m is not None and not m["above_chance"]:
-            name += f" — at chance ({100 * m['chance']:.0f}%): cannot show forgetting"
+        name = task + (" (group)" if b.get("subtasks") else "") + _limit_label(metrics, task, role, short=False)
         row = [name, b["metric"], b["n"], _fmt(b["score"], pct=pct, digits=1 if pct else 4)]
         for a, c in zip(arms, comps):
             t = metrics["arms"][a]["tasks"].get(task)
@@ -554,7 +578,7 @@ def _score_table(metrics: dict, tasks: list[str]) -> tuple:
     return ("table", header, rows)
 
 
-def _score_rows(metrics: dict, tasks: list[str], arms: list[str]) -> tuple:
+def _score_rows(metrics: dict, tasks: list[str], arms: list[str], role: str) -> tuple:
     """Arms as rows, tasks as columns: the Δ [95% CI] per cell, in bold where the CI excludes 0; the
     base's score in the column header. Stays readable at 10-30 arms."""
     base = metrics["arms"]["base"]["tasks"]
@@ -565,9 +589,7 @@ def _score_rows(metrics: dict, tasks: list[str], arms: list[str]) -> tuple:
     for t in shown:
         comps = [metrics["comparisons"][a]["tasks"].get(t, {}).get(base[t]["metric"]) for a in arms]
         pct_of[t] = next((c["proportion"] for c in comps if c and "proportion" in c), True)
-        m = metrics.get("measurability", {}).get(t)
-        chance = " (at chance)" if m is not None and not m["above_chance"] else ""
-        header.append(f"{t}{chance} {base[t]['metric']}, base "
+        header.append(f"{t}{_limit_label(metrics, t, role, short=True)} {base[t]['metric']}, base "
                       f"{_fmt(base[t]['score'], pct=pct_of[t], digits=1 if pct_of[t] else 4)}")
     rows = []
     for a in arms:
@@ -689,8 +711,8 @@ def _document(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
               + (" (with many arms, arms are rows and a significant Δ is in bold)." if len(_others(metrics)) > WIDE_MAX
                  else ".")),
         *_legend(metrics, config),
-        ("h", 2, "General benchmarks (forgetting)"), _score_table(metrics, suite_tasks),
-        ("h", 2, "In-domain (learning)"), _score_table(metrics, domain_tasks),
+        ("h", 2, "General benchmarks (forgetting)"), _score_table(metrics, suite_tasks, "suite"),
+        ("h", 2, "In-domain (learning)"), _score_table(metrics, domain_tasks, "in_domain"),
         *_aggregates(metrics), *_points(metrics), *_drift(metrics), *_perplexity(metrics), *_flips(metrics, suite_tasks + domain_tasks),
         *_training(metrics), *_resources(metrics),
         ("h", 2, "Plots"),

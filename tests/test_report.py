@@ -167,10 +167,42 @@ def test_a_not_significant_delta_says_what_this_n_could_detect():
     metrics = {"arms": {"base": {"tasks": {"boolq": {"metric": "acc", "n": 300, "score": 0.6}}},
                         "full": {"tasks": {"boolq": {"metric": "acc", "n": 300, "score": 0.61}}}},
                "comparisons": {"full": {"tasks": {"boolq": {"acc": comp}}}}}
-    _, header, rows = _score_table(metrics, ["boolq"])
+    _, header, rows = _score_table(metrics, ["boolq"], "suite")
     assert rows[0][-1] == "+1.0 [-2.0, +4.0], not significant (detects ±4.1)"
     metrics["comparisons"]["full"]["tasks"]["boolq"]["acc"] = {**comp, "ci_low": 0.005, "significant": True}
-    assert _score_table(metrics, ["boolq"])[2][0][-1] == "+1.0 [+0.5, +4.0]"
+    assert _score_table(metrics, ["boolq"], "suite")[2][0][-1] == "+1.0 [+0.5, +4.0]"
+
+
+def test_at_chance_limits_forgetting_and_at_ceiling_limits_learning():
+    """A suite task at chance cannot show forgetting; an in-domain task at chance is where learning
+    starts (no label), and one the base already scores 100% on cannot show learning."""
+    from harness import report
+
+    comp = {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0, "significant": False, "detectable": 0.1, "proportion": True}
+    chance = {"chance": 1 / 3, "score": 0.3, "n": 30, "p_value": 0.6, "above_chance": False}
+    tasks = {"boolq": {"metric": "acc", "n": 30, "score": 0.3}, "tweets": {"metric": "acc", "n": 30, "score": 0.3},
+             "phrases": {"metric": "acc", "n": 30, "score": 1.0}}
+    metrics = {"arms": {"base": {"tasks": tasks}, "full": {"tasks": tasks}},
+               "comparisons": {"full": {"tasks": {t: {"acc": comp} for t in tasks}}},
+               "measurability": {"boolq": chance, "tweets": chance}}
+    entries = [{"task": t, "metric": "acc", "role": role, "leaves": [t]}
+               for t, role in (("boolq", "suite"), ("tweets", "in_domain"), ("phrases", "in_domain"))]
+    metrics["ceiling"] = report._ceiling(metrics, entries)
+    assert metrics["ceiling"] == ["phrases"]
+    names = [row[0] for row in report._score_table(metrics, ["boolq"], "suite")[2]]
+    assert names == ["boolq — at chance (33%): cannot show forgetting"]
+    names = [row[0] for row in report._score_table(metrics, ["tweets", "phrases"], "in_domain")[2]]
+    assert names == ["tweets", "phrases — at ceiling (base 100%): cannot show learning"]
+    many = {f"a{i}": {"tasks": tasks, "train": None} for i in range(12)}  # arms as rows: the label in the column header
+    wide = {**metrics, "arms": {"base": {"tasks": tasks, "train": None}, **many},
+            "comparisons": {a: metrics["comparisons"]["full"] for a in many}}
+    header = report._score_table(wide, ["tweets", "phrases"], "in_domain")[1]
+    assert header[1].startswith("tweets acc") and header[2].startswith("phrases (at ceiling) acc")
+    # Lower is better (bits per byte at 1.0): no ceiling.
+    entries[2]["metric"] = "bits_per_byte"
+    tasks["phrases"]["metric"] = "bits_per_byte"
+    metrics["comparisons"]["full"]["tasks"]["phrases"] = {"bits_per_byte": {**comp, "proportion": False}}
+    assert report._ceiling(metrics, entries) == []
 
 
 def test_html_is_the_markdown_rendered_with_plots_embedded(tmp_path):
