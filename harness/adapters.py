@@ -10,8 +10,8 @@ without adapters on a shared base. Writes adapters.json and adapters.md under --
 The tasks are evaluated as `harness compare` evaluates them (harness/evalplan.py): any lm-eval
 task type, a group scored as lm-eval aggregates it, each suite's few-shot and chat-template settings,
 the profile's document and generation limits; the suites' perplexity task is left to compare. The
-base is loaded in 4-bit when every adapter is a QLoRA adapter (as the harness recorded beside it),
-else in 16-bit: adapters on one base must share it. The caller's RunContext (device, remote code,
+base is loaded in 4-bit for QLoRA adapters (as the harness recorded beside them), in 16-bit for
+the others; adapters of different bases, or QLoRA beside LoRA, are refused before a weight loads. The caller's RunContext (device, remote code,
 pickled weights, --include-path task directories) applies, as for compare.
 """
 
@@ -42,6 +42,13 @@ def _record(path: Path) -> dict:
     return json.loads(rec.read_text()) if rec.is_file() else {}
 
 
+def _base_of(path: Path) -> str | None:
+    """The base an adapter was trained on: the harness's record, else PEFT's adapter_config.json."""
+    base = _record(path).get("base_model") or json.loads((path / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path")
+    return str(Path(base).expanduser().resolve()) if base and Path(base).expanduser().is_dir() else base
+
+
 def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite: bool = False,
         profile: str | None = None, mirror: str | None = None, out: Path) -> dict:
     import torch
@@ -60,12 +67,22 @@ def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite:
     mirror_path = mirror_dir(mirror)
     plan = evalplan.build(cfg, cfg.suites if suite else [], mirror=mirror_path)
     records = [_record(Path(a)) for a in adapters]
-    base = base or records[0].get("base_model") or json.loads(
-        (Path(adapters[0]) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    # One base for all: adapters trained on other bases (or on a 4-bit and a 16-bit one) would be
+    # evaluated on a base they were not trained on, or fail to load with a shape error.
+    bases = {str(a): _base_of(Path(a)) for a in adapters}
+    if base is None and len(set(bases.values()) - {None}) > 1:
+        raise HarnessError("adapters: trained on different bases (" + "; ".join(f"{a}: {b}" for a, b in bases.items())
+                           + "); evaluate each base's adapters in their own call")
+    four_bit = sorted(str(a) for a, r in zip(adapters, records) if r.get("method") == "qlora")
+    if four_bit and len(four_bit) < len(adapters):
+        raise HarnessError(f"adapters: {', '.join(four_bit)} trained on the 4-bit base and the others on the 16-bit "
+                           "one; evaluate QLoRA and LoRA adapters in separate calls (or merge the QLoRA adapter: "
+                           "harness merge)")
+    base = base or next((b for b in bases.values() if b), None)
     if not base:
         raise HarnessError(f"{adapters[0]}: no base model recorded; give --base MODEL")
     base_path = models.resolve_model(base).path
-    quant = records[0].get("quant") if all(r.get("method") == "qlora" for r in records) else None
+    quant = records[0].get("quant") if four_bit else None
     tokenizer = models.load_tokenizer(base_path)
     runs = plan.runs(prof, has_chat_template=tokenizer.chat_template is not None)
     tasks = [r.task for r in runs]

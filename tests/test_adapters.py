@@ -156,6 +156,24 @@ def test_merge_rejects_a_non_adapter_and_a_tight_tolerance(built, tmp_path, tiny
     assert not (tmp_path / "m2").exists()  # nothing saved
 
 
+def test_adapters_of_other_bases_or_of_4bit_and_16bit_bases_are_refused(built, tmp_path, tiny_task, mirror):
+    """One line, exit 2, before a weight loads: an adapter is only evaluated on the base it was trained on."""
+    import shutil
+
+    out, _ = built
+    other = tmp_path / "other" / "adapter"
+    shutil.copytree(out / "lora" / "adapter", other)
+    record = json.loads((other / models.ARM_RECORD).read_text())
+    (other / models.ARM_RECORD).write_text(json.dumps({**record, "base_model": "someone/another-model"}))
+    common = ["--task", str(tiny_task), "--profile", "quick", "--mirror", str(mirror), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(cli, ["adapters", str(out / "lora" / "adapter"), str(other), *common])
+    assert result.exit_code == 2 and "trained on different bases" in result.output
+    assert "someone/another-model" in result.output
+    result = CliRunner().invoke(cli, ["adapters", str(out / "lora" / "adapter"), str(out / "qlora" / "adapter"), *common])
+    assert result.exit_code == 2 and f"{out / 'qlora' / 'adapter'} trained on the 4-bit base" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_adapters_switch_on_one_base_equals_fresh_loads(built, tmp_path, tiny_model, tiny_task, mirror):
     out, _ = built
     paths = [out / "lora" / "adapter", out / "full"]
