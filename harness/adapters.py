@@ -9,10 +9,12 @@ without adapters on a shared base. Writes adapters.json and adapters.md under --
 
 The tasks are evaluated as `harness compare` evaluates them (harness/evalplan.py): any lm-eval
 task type, a group scored as lm-eval aggregates it, each suite's few-shot and chat-template settings,
-the profile's document and generation limits; the suites' perplexity task is left to compare. The
-base is loaded in 4-bit for QLoRA adapters (as the harness recorded beside them), in 16-bit for
-the others; adapters of different bases, or QLoRA beside LoRA, are refused before a weight loads. The caller's RunContext (device, remote code,
-pickled weights, --include-path task directories) applies, as for compare.
+the profile's document and generation limits; the suites' perplexity task is left to compare.
+
+The base is loaded in 4-bit for QLoRA adapters (as the harness recorded beside them), in 16-bit for
+the others; adapters of different bases, or QLoRA beside LoRA, are refused before a weight loads.
+The caller's RunContext (device, remote code, pickled weights, --include-path task directories)
+applies, as for compare.
 """
 
 from __future__ import annotations
@@ -130,8 +132,8 @@ def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite:
     entries = [{"task": e.task, "metric": e.metric, "role": e.role, "kind": e.kind, "leaves": e.leaves}
                for e in plan.entries]
     result = {"base": base_path, "base_4bit": quant is not None, "task": cfg.name, "tasks": tasks, "entries": entries,
-              "profile": profile_name, "limit": prof.limit, "generate_limit": prof.generate_limit, "eval_backend": prof.eval_backend,
-              "device": models.device_kind(),
+              "profile": profile_name, "limit": prof.limit, "generate_limit": prof.generate_limit,
+              "eval_backend": prof.eval_backend, "device": models.device_kind(),
               "base_load_seconds": base_seconds, "reload_base_and_adapter_seconds": reload_seconds,
               "adapters": rows}
     out = Path(out)
