@@ -140,6 +140,10 @@ def plan(spec: CompareSpec, arms: list[Arm], *, child: bool = False) -> Plan:
     if mirror is not None:  # every benchmark's data must be in the mirror too (suite leaves: checked in evalplan)
         for name in ppl + kl_tasks:
             evaluate.task_config(name, mirror=mirror)
+    if not child:  # a scored split that is also trained on would measure learning on training examples
+        scored = [t for t in [*plan_.leaves, *ppl] if not evaluate.is_answer(t)]
+        for train in {input_hash(to_dict(t.train)): t.train for t in arm_tasks.values()}.values():
+            _check_not_scored(train, scored, mirror)
     evaluated = [*plan_.leaves, *ppl, *kl_tasks, task.train.format_task]
     for arm_task in {input_hash(to_dict(t.mitigation.replay)): t for t in arm_tasks.values() if t.mitigation.replay}.values():
         if not child:  # replay data that is evaluated too would be learned, then scored
@@ -148,6 +152,15 @@ def plan(spec: CompareSpec, arms: list[Arm], *, child: bool = False) -> Plan:
             replay.check(arm_task.mitigation.replay, [t for t in evaluated if not evaluate.is_answer(t)], mirror=mirror,
                          n_domain=n_domain)
     return Plan(task, arm_tasks, plan_, profile_name, mirror, run_id, run_dir, Path(spec.work_dir) / task.name / run_id)
+
+
+def _check_not_scored(train, scored: list[str], mirror) -> None:
+    for name in scored:
+        src = evaluate.task_source(name, mirror=mirror)
+        if (src["dataset"], src["config"] or None, src["split"]) == (train.dataset, train.config or None, train.split):
+            raise HarnessError(f"train: {train.dataset} ({train.config or 'default'}/{train.split}) is the split that "
+                               f"evaluated task {name} scores: it would be scored on the examples it was trained on; "
+                               "train on another split, or score another")
 
 
 @dataclass

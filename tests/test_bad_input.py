@@ -95,6 +95,9 @@ CASES = [
     ("unknown-method", lambda e: ["--methods", "full,adapter"], ["unknown method 'adapter'", "valid: full, lora, qlora"]),
     ("method-without-settings", lambda e: ["--task", _task_file(e, lambda d: d["methods"].pop("lora")),
                                            "--methods", "lora"], ["'lora' has no settings under methods: in /", "/task.yaml"]),
+    ("train-on-a-scored-split", lambda e: ["--task", _task_file(e, lambda d: d["train"].update(split="validation"))],
+     ["train: zeroshot/twitter-financial-news-sentiment (default/validation) is the split that evaluated task "
+      "finance_tweets scores"]),
     ("unknown-model", lambda e: ["--model", "not-a-model"], ["--model not-a-model: not a local directory"]),
     ("model-dir-without-config", lambda e: ["--model", str(e.tmp)], ["has no config.json"]),
     ("mirror-missing", lambda e: ["--mirror", "/does/not/exist"], ["mirror directory /does/not/exist does not exist"]),
