@@ -331,12 +331,21 @@ class SuiteConfig:
     apply_chat_template: Literal["auto", True, False] = _help(
         "format prompts with the model's chat template (lm-eval's apply_chat_template); auto: when the "
         "tokenizer has one", default=False)
+    system_instruction: str | None = _help(
+        "a system prompt before every prompt of the suite (lm-eval's system_instruction): the system turn "
+        "with a chat template, else text before the prompt", default=None)
+    fewshot_as_multiturn: bool | None = _help(
+        "with a chat template, few-shot examples as alternating user and assistant turns (lm-eval's "
+        "fewshot_as_multiturn); null: lm-eval's default", default=None)
     perplexity: PerplexityTask | None = _help("a continuous signal beside the accuracies (word perplexity, bits per byte)",
                                               default=None)
 
     def __post_init__(self):
         if not self.tasks:
             raise HarnessError(f"suite {self.name}: tasks is empty")
+        if self.fewshot_as_multiturn is not None and self.apply_chat_template is False:
+            raise HarnessError(f"suite {self.name}: fewshot_as_multiturn needs apply_chat_template (true or auto): "
+                               "without a chat template there are no turns")
 
 
 # ---------------------------------------------------------------- loading

@@ -39,12 +39,17 @@ class Entry:
     groups: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # leaf -> task_info
     output_type: str = ""
+    system_instruction: str | None = None  # the suite's (lm-eval's system_instruction)
+    fewshot_as_multiturn: bool | None = None  # the suite's; None: lm-eval's default
 
     def to_dict(self) -> dict:
+        # The prompt settings only where set: records of runs without them read as before.
+        prompt = {k: v for k, v in (("system_instruction", self.system_instruction),
+                                    ("fewshot_as_multiturn", self.fewshot_as_multiturn)) if v is not None}
         return {"task": self.task, "metric": self.metric, "num_fewshot": self.num_fewshot,
                 "chat_template": self.chat_template, "role": self.role, "suite": self.suite, "kind": self.kind,
                 "leaves": self.leaves, "groups": self.groups, "output_type": self.output_type,
-                "higher_is_better": {leaf: i["higher_is_better"] for leaf, i in self.info.items()}}
+                "higher_is_better": {leaf: i["higher_is_better"] for leaf, i in self.info.items()}, **prompt}
 
 
 @dataclass
@@ -79,7 +84,9 @@ class EvalPlan:
                 same_docs = gen or evaluate.is_answer(leaf)
                 limit = (profile.generate_limit or profile.limit) if same_docs else profile.limit
                 out.append(evaluate.TaskRun(leaf, num_fewshot=e.num_fewshot, chat_template=chat,
-                                            max_gen_toks=profile.max_gen_toks if gen else None, limit=limit))
+                                            max_gen_toks=profile.max_gen_toks if gen else None, limit=limit,
+                                            system_instruction=e.system_instruction,
+                                            fewshot_as_multiturn=e.fewshot_as_multiturn if chat else None))
         return out
 
     def record(self) -> dict:
@@ -166,12 +173,12 @@ def leaf_weights(e: dict, sizes: dict[str, int]) -> dict[str, float]:
 
 def _resolve(e: Entry, leaf_settings: dict, *, mirror: Path | None) -> None:
     """Each leaf's settings (one evaluation per leaf), what it logs, and the counted metric checked."""
-    chat = e.chat_template
+    settings = (e.num_fewshot, e.chat_template, e.system_instruction, e.fewshot_as_multiturn)
     for leaf in e.leaves:
-        if leaf in leaf_settings and leaf_settings[leaf][:2] != (e.num_fewshot, chat):
-            raise HarnessError(f"task {leaf}: evaluated twice with different few-shot or chat settings "
-                               f"(in {leaf_settings[leaf][2]} and {e.task}); one evaluation serves both")
-        leaf_settings[leaf] = (e.num_fewshot, chat, e.task)
+        if leaf in leaf_settings and leaf_settings[leaf][0] != settings:
+            raise HarnessError(f"task {leaf}: evaluated twice with different few-shot, chat or system-prompt settings "
+                               f"(in {leaf_settings[leaf][1]} and {e.task}); one evaluation serves both")
+        leaf_settings[leaf] = (settings, e.task)
         if mirror is not None:
             evaluate.task_config(leaf, mirror=mirror)  # names the dataset missing from the mirror
         info = evaluate.task_info(leaf, mirror=mirror)
@@ -185,7 +192,9 @@ def _resolve(e: Entry, leaf_settings: dict, *, mirror: Path | None) -> None:
 
 def _entry(t: EvalTask, *, role: str, suite: SuiteConfig | None, default_fewshot: int, chat) -> Entry:
     return Entry(task=t.task, metric=t.metric, num_fewshot=t.num_fewshot if t.num_fewshot is not None else default_fewshot,
-                 chat_template=chat, role=role, suite=suite.name if suite else None)
+                 chat_template=chat, role=role, suite=suite.name if suite else None,
+                 system_instruction=suite.system_instruction if suite else None,
+                 fewshot_as_multiturn=suite.fewshot_as_multiturn if suite else None)
 
 
 def _check_aggregate(e: Entry, leaf: str) -> None:

@@ -489,13 +489,19 @@ class TaskRun:
     chat_template: bool = False
     max_gen_toks: int | None = None  # generate_until only: caps the task's own max_gen_toks
     limit: int | None = None  # a seeded random subset of this many documents; None: all
+    system_instruction: str | None = None  # lm-eval's system_instruction
+    fewshot_as_multiturn: bool | None = None  # lm-eval's; None: its default
+
+    def prompt_settings(self) -> tuple:
+        """What one simple_evaluate call shares: chat template, system prompt, few-shot turns."""
+        return self.chat_template, self.system_instruction, self.fewshot_as_multiturn
 
 
 def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path | None, limit: int | None = None,
              batch_size: int, num_fewshot: int = 0, seed: int = 0, backend: str = "auto",
              raw: bool = False) -> dict:
     """Run lm-eval's simple_evaluate on an in-memory model (plain, PeftModel, or over a 4-bit base):
-    one call per chat-template setting, every task of that setting in it.
+    one call per prompt setting (chat template, system prompt, few-shot turns), every task of it in it.
 
     `tasks` are TaskRun entries, or names (then `limit` and `num_fewshot` apply to all).
     Returns {"results": {task: {metric: value, metric_stderr: ...}}, "n": {task: docs},
@@ -510,8 +516,9 @@ def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path
     lm = make_lm(model, tokenizer, batch_size=batch_size, backend=backend)
     start = time.perf_counter()
     results, samples, n, versions, raw_out, version = {}, {}, {}, {}, {}, None
-    for chat in sorted({r.chat_template for r in runs}):
-        group = [r for r in runs if r.chat_template == chat]
+    settings = sorted({r.prompt_settings() for r in runs}, key=lambda k: (k[0], k[1] or "", str(k[2])))
+    for chat, system, multiturn in settings:
+        group = [r for r in runs if r.prompt_settings() == (chat, system, multiturn)]
         names = [r.task for r in group]
         selected = subsample(names, {r.task: r.limit for r in group}, mirror=mirror, seed=seed)
         objects = [_configured(r, mirror) for r in group]
@@ -524,6 +531,8 @@ def evaluate(model, tokenizer, tasks: list[str] | list[TaskRun], *, mirror: Path
                 samples=selected,
                 log_samples=True,
                 apply_chat_template=chat,
+                system_instruction=system,
+                **({} if multiturn is None else {"fewshot_as_multiturn": multiturn}),
                 task_manager=task_manager(),
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             )

@@ -154,6 +154,13 @@ def plan(spec: CompareSpec, arms: list[Arm], *, child: bool = False) -> Plan:
     return Plan(task, arm_tasks, plan_, profile_name, mirror, run_id, run_dir, Path(spec.work_dir) / task.name / run_id)
 
 
+def _run_inputs(run: evaluate.TaskRun) -> dict:
+    """A task's evaluation settings as its stage inputs; the prompt settings only where set, so the
+    inputs of runs without them hash as before they existed (their results are reused on --resume)."""
+    return {k: v for k, v in to_dict(run).items()
+            if k not in ("system_instruction", "fewshot_as_multiturn") or v is not None}
+
+
 def _check_not_scored(train, scored: list[str], mirror) -> None:
     for name in scored:
         src = evaluate.task_source(name, mirror=mirror)
@@ -282,7 +289,7 @@ def prepare(spec: CompareSpec, arms: list[Arm], *, child: bool = False, only: tu
         ppl_kw = dict(mirror=mirror, limit=profile.perplexity_limit, batch_size=suite.perplexity.batch_size,
                       num_fewshot=0, seed=task.training.seed, backend=profile.eval_backend)
     # The backend is left out of the input hashes: both give the same per-document results.
-    common = {"model": resolved.path, "tasks": p.evalplan.leaves, "runs": [to_dict(r) for r in runs],
+    common = {"model": resolved.path, "tasks": p.evalplan.leaves, "runs": [_run_inputs(r) for r in runs],
               "eval": {k: v for k, v in eval_kw.items() if k not in ("mirror", "backend")},
               "perplexity": [suite.perplexity and suite.perplexity.task, ppl_kw and ppl_kw["limit"]],
               "kl": to_dict(task.kl) | {"documents": profile.kl_documents} if task.kl.enabled else None}

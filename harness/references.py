@@ -80,6 +80,10 @@ def run_extra(run: evaluate.TaskRun) -> dict:
         extra["chat_template"] = True
     if run.max_gen_toks is not None:
         extra["max_gen_toks"] = run.max_gen_toks
+    if run.system_instruction is not None:
+        extra["system_instruction"] = run.system_instruction
+    if run.fewshot_as_multiturn is not None:
+        extra["fewshot_as_multiturn"] = run.fewshot_as_multiturn
     if run.task.startswith(evalplan.NLTK_TASK_PREFIXES):
         # IFEval's language checks draw at random unless seeded (evaluate.seed_checks, 2026-12-03):
         # entries stored before then hold unseeded verdicts, so they are not reused.

@@ -141,6 +141,41 @@ def test_per_task_fewshot_changes_the_prompt(extra, tiny_model, mirror):
     assert baselines.task_sha256("boolq", mirror) == sha_after
 
 
+def test_a_suites_system_prompt_reaches_its_prompts_and_keys_but_no_other_suites(extra, tmp_path, tiny_model,
+                                                                                tiny_task, mirror):
+    from harness import config, references
+
+    model = models.load_base(str(tiny_model))
+    tok = models.load_tokenizer(str(tiny_model))
+    runs = [evaluate.TaskRun("boolq", limit=4), evaluate.TaskRun("arc_easy", limit=4)]
+    plain = evaluate.evaluate(model, tok, runs, mirror=mirror, batch_size=4, raw=True)["raw"]
+    runs[0] = evaluate.TaskRun("boolq", limit=4, system_instruction="answer yes or no")
+    told = evaluate.evaluate(model, tok, runs, mirror=mirror, batch_size=4, raw=True)["raw"]
+    assert told["boolq"] != plain["boolq"]  # the instruction is in boolq's prompts ...
+    assert told["arc_easy"] == plain["arc_easy"]  # ... and not in those of a task evaluated without it
+    # From the suite file to each of its tasks' runs and baseline keys; the other suite's tasks keep none.
+    told_suite = {"name": "told", "system_instruction": "answer yes or no", "tasks": [{"task": "boolq"}]}
+    plain_suite = {"name": "plain", "tasks": [{"task": "arc_easy"}]}
+    for suite in (told_suite, plain_suite):
+        (tmp_path / f"{suite['name']}.yaml").write_text(yaml.safe_dump(suite))
+    task = config.load_task(str(tiny_task))
+    plan = evalplan.build(task, [str(tmp_path / "told.yaml"), str(tmp_path / "plain.yaml")], mirror=mirror)
+    run_of = {r.task: r for r in plan.runs(task.profiles["quick"], has_chat_template=False)}
+    assert run_of["boolq"].system_instruction == "answer yes or no" and run_of["arc_easy"].system_instruction is None
+    assert references.run_extra(run_of["boolq"])["system_instruction"] == "answer yes or no"
+    assert "system_instruction" not in references.run_extra(run_of["arc_easy"])
+    # With a chat template, few-shot examples as turns or inside one user turn: other prompts.
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    shots = {turns: evaluate.evaluate(model, tok, [evaluate.TaskRun("boolq", limit=4, num_fewshot=2, chat_template=True,
+                                                                    fewshot_as_multiturn=turns)],
+                                      mirror=mirror, batch_size=4, raw=True)["raw"]["boolq"] for turns in (True, False)}
+    assert shots[True] != shots[False]
+    # Few-shot turns need a chat template: one line naming the suite.
+    with pytest.raises(config.HarnessError, match="suite plain: fewshot_as_multiturn needs apply_chat_template"):
+        config.build(config.SuiteConfig, {**plain_suite, "fewshot_as_multiturn": True}, "plain.yaml")
+
+
 def test_weighted_paired_delta_is_the_ratio_of_sums():
     # bits per byte of two documents: 1.0 over 100 bytes, 3.0 over 300 bytes -> (100 + 900) / 400 = 2.5
     b = np.array([1.0, 3.0])
