@@ -657,6 +657,30 @@ def _limits(prof: dict) -> str:
     return f"{docs}, {'all training examples' if n is None else f'{n} training examples'}"
 
 
+def _prompts(config: dict) -> list[str]:
+    """Which tasks were prompted otherwise than lm-eval's plain zero-shot text: chat template, system
+    prompt, few-shot examples (as turns or not). Nothing when every task was plain."""
+    said: dict[str, list[str]] = {}
+    runs = config["evaluation"].get("runs", [])
+    for r in runs:
+        parts = []
+        if r.get("num_fewshot"):
+            turns = r.get("fewshot_as_multiturn")
+            parts.append(f"{r['num_fewshot']}-shot" + ("" if not r.get("chat_template") or turns is None
+                                                       else " as turns" if turns else " in one turn"))
+        if r.get("chat_template"):
+            parts.append("chat template")
+        if r.get("system_instruction"):
+            parts.append(f"system prompt “{r['system_instruction']}”")
+        if parts:
+            said.setdefault(", ".join(parts), []).append(r["task"])
+    if not said:
+        return []
+    plain = len(runs) > sum(len(tasks) for tasks in said.values())
+    return ["**Prompts** " + "; ".join(f"{', '.join(tasks)}: {how}" for how, tasks in said.items())
+            + ("; the other tasks zero-shot plain text." if plain else ".")]
+
+
 def _title(config: dict) -> str:
     return f"Forgetting report: {config['task']['name']} on {config['model']['name']}"
 
@@ -702,6 +726,7 @@ def _document(metrics: dict, config: dict, suite_tasks: list[str], domain_tasks:
             f"format from lm-eval task `{config['task']['train']['format_task']}`.",
             f"**Device** {env.get('gpu') or 'CPU'} ({config['device']}); seed {config['task']['training']['seed']}. "
             "Full provenance at the end.",
+            *_prompts(config),
             *([f"**Jobs** {config['jobs']} at once on one device (`--jobs`): stage times include their contention "
                "(`--jobs 1` measures each alone); memory figures are each job's own process (torch's allocator)."]
               if (config["jobs"] or 1) > 1 else []),

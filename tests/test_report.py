@@ -143,6 +143,23 @@ def test_the_summary_names_the_arm_with_the_lowest_general_change(run):
     assert f"Lowest mean general change: {lowest} ({100 * deltas[lowest]:+.1f} points)" in text
 
 
+def test_the_report_says_how_tasks_were_prompted_where_not_plain():
+    from harness import report
+
+    def runs(*extra):
+        plain = [{"task": t, "num_fewshot": 0, "chat_template": False} for t in ("arc_easy", "boolq")]
+        return {"evaluation": {"runs": plain[:2 - len(extra)] + list(extra)}}
+
+    assert report._prompts(runs()) == []
+    chat = {"task": "ifeval", "num_fewshot": 0, "chat_template": True}
+    assert report._prompts(runs(chat)) == ["**Prompts** ifeval: chat template; the other tasks zero-shot plain text."]
+    told = {"task": "boolq", "num_fewshot": 2, "chat_template": True, "fewshot_as_multiturn": False,
+            "system_instruction": "answer yes or no"}
+    assert report._prompts(runs(chat, told)) == [
+        "**Prompts** ifeval: chat template; boolq: 2-shot in one turn, chat template, system prompt “answer yes or "
+        "no”."]
+
+
 def test_the_training_table_gives_the_mean_loss_and_where_it_ended():
     """The Trainer's training_loss is the mean over all steps: labelled so, beside the last logged window."""
     from harness import report
