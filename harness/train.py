@@ -416,7 +416,9 @@ def run(method: str, *, task: TaskConfig, profile: Profile, model_path: str, exa
     seconds = measured.result["seconds"]
     train_loss = out.training_loss
     if checkpoint is not None:
-        train_loss = _resumed_loss(trainer.state.log_history, _step(checkpoint), out.training_loss, max_steps)
+        # A resumed call's training_loss divides this call's loss sum by all steps (transformers up to
+        # 5.17) or by this call's steps (later): the sum itself is the same in both.
+        train_loss = _resumed_loss(trainer.state.log_history, _step(checkpoint), trainer._total_loss_scalar, max_steps)
     # Sharded weights (FSDP) are gathered whole for rank 0; every rank takes part in the gathering.
     state = trainer.accelerator.get_state_dict(trainer.model) if n_proc > 1 and t.distributed == "fsdp" else None
     saved = None
@@ -586,12 +588,12 @@ def resume_checkpoint(trainer_dir: Path) -> Path | None:
     return checkpoint
 
 
-def _resumed_loss(history: list[dict], resumed_at: int, loss_after: float, max_steps: int) -> float:
-    """Mean training loss over all steps of a resumed run: the Trainer's own figure only covers the
-    steps after the checkpoint; the logged windows before it (restored with the checkpoint) add the rest."""
+def _resumed_loss(history: list[dict], resumed_at: int, loss_sum_after: float, max_steps: int) -> float:
+    """Mean training loss over all steps of a resumed run: the Trainer summed the step losses after the
+    checkpoint (`loss_sum_after`); the logged windows before it (restored with the checkpoint) add the rest."""
     before, last = 0.0, 0
     for h in history:
         if "loss" in h and h["step"] <= resumed_at:
             before += h["loss"] * (h["step"] - last)
             last = h["step"]
-    return (before + loss_after * (max_steps - resumed_at)) / max_steps
+    return (before + loss_sum_after) / max_steps

@@ -20,7 +20,7 @@ RANK = 4
 LORA = {"r": RANK, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}
 QUANT = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
          "bnb_4bit_compute_dtype": "bfloat16"}
-# Merges and measurements run ON_CPU: fp32 logits (a GPU merges in bf16, whose rounding the fp32
+# Merges and measurements run ON_CPU (the merge command: --device cpu): fp32 logits (a GPU merges in bf16, whose rounding the fp32
 # bounds below would not hold), and no GPU figures to record.
 
 
@@ -117,8 +117,9 @@ def test_a_cpu_run_on_a_gpu_machine_measures_no_gpu(monkeypatch):
 
 def test_merge_lora_equals_base_plus_adapter(built, tmp_path):
     out, _ = built
-    with context.use(ON_CPU):
-        result = CliRunner().invoke(cli, ["merge", str(out / "lora" / "adapter"), "--out", str(tmp_path / "merged")])
+    # The command enters the context its options ask for (the caller's does not reach it): fp32 on CPU.
+    result = CliRunner().invoke(cli, ["merge", str(out / "lora" / "adapter"), "--out", str(tmp_path / "merged"),
+                                      "--device", "cpu"])
     assert result.exit_code == 0, result.output
     rec = json.loads((tmp_path / "merged" / "merge.json").read_text())
     v = rec["verification"]
