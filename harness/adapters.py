@@ -44,9 +44,9 @@ def _record(path: Path) -> dict:
     return json.loads(rec.read_text()) if rec.is_file() else {}
 
 
-def _base_of(path: Path) -> str | None:
+def _base_of(path: Path, record: dict) -> str | None:
     """The base an adapter was trained on: the harness's record, else PEFT's adapter_config.json."""
-    base = _record(path).get("base_model") or json.loads((path / "adapter_config.json").read_text()).get(
+    base = record.get("base_model") or json.loads((path / "adapter_config.json").read_text()).get(
         "base_model_name_or_path")
     return str(Path(base).expanduser().resolve()) if base and Path(base).expanduser().is_dir() else base
 
@@ -71,7 +71,7 @@ def run(*, base: str | None, adapters: list[Path], task: str = "finance", suite:
     records = [_record(Path(a)) for a in adapters]
     # One base for all: adapters trained on other bases (or on a 4-bit and a 16-bit one) would be
     # evaluated on a base they were not trained on, or fail to load with a shape error.
-    bases = {str(a): _base_of(Path(a)) for a in adapters}
+    bases = {str(a): _base_of(Path(a), r) for a, r in zip(adapters, records)}
     if base is None and len(set(bases.values()) - {None}) > 1:
         raise HarnessError("adapters: trained on different bases (" + "; ".join(f"{a}: {b}" for a, b in bases.items())
                            + "); evaluate each base's adapters in their own call")

@@ -228,6 +228,15 @@ def task_source(name: str, *, mirror: Path | None) -> dict:
     raise HarnessError(f"task {name}: no test or validation split of {dataset} ({config or 'default'}) found")
 
 
+def scoring(tasks: list[str], dataset: str, config: str | None, split: str, *, mirror: Path | None) -> str | None:
+    """The first of `tasks` that scores this dataset split (training or replay data must not be one), or None."""
+    for name in tasks:
+        src = task_source(name, mirror=mirror)
+        if (src["dataset"], src["config"] or None, src["split"]) == (dataset, config or None, split):
+            return name
+    return None
+
+
 def load_task_object(name: str, *, mirror: Path | None):
     """An lm-eval Task (its dataset loaded), e.g. to format training examples with its prompt."""
     return _build_task(name, task_config(name, mirror=mirror))

@@ -143,7 +143,11 @@ def plan(spec: CompareSpec, arms: list[Arm], *, child: bool = False) -> Plan:
     if not child:  # a scored split that is also trained on would measure learning on training examples
         scored = [t for t in [*plan_.leaves, *ppl] if not evaluate.is_answer(t)]
         for train in {input_hash(to_dict(t.train)): t.train for t in arm_tasks.values()}.values():
-            _check_not_scored(train, scored, mirror)
+            name = evaluate.scoring(scored, train.dataset, train.config, train.split, mirror=mirror)
+            if name is not None:
+                raise HarnessError(f"train: {train.dataset} ({train.config or 'default'}/{train.split}) is the split "
+                                   f"that evaluated task {name} scores: it would be scored on the examples it was "
+                                   "trained on; train on another split, or score another")
     evaluated = [*plan_.leaves, *ppl, *kl_tasks, task.train.format_task]
     for arm_task in {input_hash(to_dict(t.mitigation.replay)): t for t in arm_tasks.values() if t.mitigation.replay}.values():
         if not child:  # replay data that is evaluated too would be learned, then scored
@@ -159,15 +163,6 @@ def _run_inputs(run: evaluate.TaskRun) -> dict:
     inputs of runs without them hash as before they existed (their results are reused on --resume)."""
     return {k: v for k, v in to_dict(run).items()
             if k not in ("system_instruction", "fewshot_as_multiturn") or v is not None}
-
-
-def _check_not_scored(train, scored: list[str], mirror) -> None:
-    for name in scored:
-        src = evaluate.task_source(name, mirror=mirror)
-        if (src["dataset"], src["config"] or None, src["split"]) == (train.dataset, train.config or None, train.split):
-            raise HarnessError(f"train: {train.dataset} ({train.config or 'default'}/{train.split}) is the split that "
-                               f"evaluated task {name} scores: it would be scored on the examples it was trained on; "
-                               "train on another split, or score another")
 
 
 @dataclass

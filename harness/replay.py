@@ -58,14 +58,13 @@ def check(replay: Replay, evaluated: list[str], *, mirror: Path | None, n_domain
     if replay.source == "self":
         return
     from harness.data import load_split
-    from harness.evaluate import eval_task, task_source
+    from harness.evaluate import eval_task, scoring
 
     where = f"mitigation.replay: dataset {replay.source} ({replay.config or 'default'}/{replay.split})"
-    for task in evaluated:
-        src = task_source(task, mirror=mirror)
-        if (src["dataset"], src["config"] or None, src["split"]) == (replay.source, replay.config or None, replay.split):
-            raise HarnessError(f"{where}: is the split that evaluated task {task} scores; replay another split "
-                               "or another dataset")
+    task = scoring(evaluated, replay.source, replay.config, replay.split, mirror=mirror)
+    if task is not None:
+        raise HarnessError(f"{where}: is the split that evaluated task {task} scores; replay another split "
+                           "or another dataset")
     ds = load_split(replay.source, replay.config, replay.split, mirror=mirror)
     if replay.field not in ds.column_names:
         raise HarnessError(f"{where}: no field '{replay.field}'; its fields are {', '.join(ds.column_names)}")
