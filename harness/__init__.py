@@ -9,7 +9,7 @@ the imports have no cycle (tests/test_pipeline.py reads every import, lazy ones 
 - backends, thin wrappers over transformers, peft, bitsandbytes, accelerate and lm-eval: models,
   memory (what a job needs on a GPU, before it loads), train, distributed (an arm over several devices), drift,
   points, replay, evaluate with its lm-eval model class and patches (fastlm, answer, lm_eval_patches),
-  evalplan, baselines, provenance
+  lm-eval's corpus-level metrics per document (corpus), evalplan, baselines, provenance
 - stages of a compare: planning -> references and arms (both through scoring) -> report
 - pipeline: compare, top to bottom
 - tools and the command line: sweep, adapters, merge, profile, cli
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 LAYERS = {
     "foundation": ("config", "context", "records", "io", "data", "resources", "stats", "plots", "render", "parallel"),
     "backends": ("models", "memory", "train", "distributed", "drift", "points", "replay", "evaluate", "fastlm", "answer",
-                 "lm_eval_patches", "evalplan", "baselines", "provenance"),
+                 "lm_eval_patches", "corpus", "evalplan", "baselines", "provenance"),
     "stages": ("planning", "scoring", "references", "arms", "report"),
     "pipeline": ("pipeline",),
     "tools": ("sweep", "adapters", "merge", "profile", "cli", "__main__"),

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from harness import context, lm_eval_patches
+from harness import context, corpus, lm_eval_patches
 from harness.config import TASKS_DIR, HarnessError
 from harness.data import mirror_file
 
@@ -366,20 +366,33 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-# Aggregations whose per-document values are numbers whose mean is the aggregate ("mean"), or
-# (value, weight) pairs whose weighted mean is (perplexities, instruction-level accuracy).
-MEAN_AGGREGATIONS = ("mean",)
-WEIGHTED_AGGREGATIONS = ("weighted_perplexity", "bits_per_byte", "agg_inst_level_acc")
+# Aggregations whose per-document values are numbers whose mean is the aggregate ("mean"; brier_score:
+# the mean of each document's squared error), or (value, weight) pairs whose weighted mean is (bits per
+# byte, instruction-level accuracy). The corpus-level ones (F1, BLEU, perplexity, ...): harness/corpus.py.
+MEAN_AGGREGATIONS = ("mean", "nanmean", "brier_score")  # nanmean: a NaN document is left out
+WEIGHTED_AGGREGATIONS = ("bits_per_byte", "agg_inst_level_acc")
 LN2 = math.log(2)
+
+
+def aggregation_name(fn) -> str:
+    """The name lm-eval registered an aggregation function under (`f1` for its `f1_score`, `chrf++` for
+    `chrfpp`); a task's own function (`!function`) by its Python name."""
+    from lm_eval.api.registry import AGGREGATION_REGISTRY
+
+    def ident(f):  # lm-eval's registry may hold another object of the same function: compare by definition
+        return getattr(f, "__module__", None), getattr(f, "__qualname__", None)
+
+    for name, registered in AGGREGATION_REGISTRY.items():
+        if registered is fn or ident(registered) == ident(fn):
+            return name
+    return getattr(fn, "__name__", str(fn))
 
 
 def task_info(name: str, *, mirror: Path | None) -> dict:
     """What a (leaf) task logs: output type, metrics with their direction and aggregation, filters,
     few-shot default and generation settings; from the built Task, so the checks see what lm-eval runs."""
     task = eval_task(name, mirror=mirror)
-    aggs = {}
-    for metric, fn in task.aggregation().items():
-        aggs[metric] = getattr(fn, "__name__", str(fn))
+    aggs = {metric: aggregation_name(fn) for metric, fn in task.aggregation().items()}
     return {"output_type": task.OUTPUT_TYPE, "higher_is_better": dict(task.higher_is_better()),
             "aggregation": aggs, "filters": [f.name for f in getattr(task, "_filters", [])] or ["none"],
             "num_fewshot": task.config.num_fewshot,
@@ -409,9 +422,10 @@ def check_metric(name: str, key: str, info: dict, *, where: str) -> None:
         raise HarnessError(f"{where}: task {name} has no filter '{filt}' (metric '{key}'); its filters: "
                            f"{', '.join(info['filters'])} (write metric,filter, e.g. {metric},{info['filters'][0]})")
     agg = info["aggregation"].get(metric)
-    if agg is not None and agg not in MEAN_AGGREGATIONS + WEIGHTED_AGGREGATIONS:
-        raise HarnessError(f"{where}: task {name}'s metric '{metric}' is aggregated by '{agg}' over the whole corpus, "
-                           "not logged per document as a number: no paired statistics; count another metric")
+    if agg is not None and agg not in MEAN_AGGREGATIONS + WEIGHTED_AGGREGATIONS + corpus.AGGREGATIONS:
+        raise HarnessError(f"{where}: task {name}'s metric '{metric}' is aggregated by '{agg}', a function the harness "
+                           f"cannot pair per document (it pairs {', '.join(MEAN_AGGREGATIONS + corpus.AGGREGATIONS)} "
+                           "and weighted means); count another metric")
 
 
 def formatter(name: str, *, mirror: Path | None):
@@ -604,8 +618,10 @@ def records(samples: list[dict], task) -> list[dict]:
     chosen answer and number of choices (multiple choice), and every metric as `metric[,filter]`.
     A metric whose aggregate is a weighted mean keeps its per-document weight under `<key>:w`:
     perplexity tasks give bits_per_byte (value = -loglik / (bytes ln 2), weight = bytes), IFEval's
-    instruction-level accuracies the fraction of instructions followed (weight = instructions)."""
-    aggs = {m: getattr(fn, "__name__", "") for m, fn in task.aggregation().items()}
+    instruction-level accuracies the fraction of instructions followed (weight = instructions).
+    A corpus-level metric (F1, BLEU, perplexity, ...) keeps `<key>:s` = [aggregation, the document's
+    statistics] (harness/corpus.py), and no value of its own."""
+    aggs = {m: aggregation_name(fn) for m, fn in task.aggregation().items()}
     by_doc: dict[int, dict] = {}
     for s in samples:
         rec = by_doc.setdefault(s["doc_id"], {"doc_id": s["doc_id"], "doc_hash": s.get("doc_hash"),
@@ -623,18 +639,24 @@ def records(samples: list[dict], task) -> list[dict]:
 
 
 def _put(rec: dict, key: str, v, agg: str) -> None:
-    if isinstance(v, bool) or isinstance(v, (int, float)):
+    if (isinstance(v, bool) or isinstance(v, (int, float))) and agg not in corpus.AGGREGATIONS:
         if not (isinstance(v, float) and math.isnan(v)):
             rec[key] = float(v)
         return
     if isinstance(v, (list, tuple)) and v and all(isinstance(x, bool) for x in v):  # instruction-level
         rec[key], rec[f"{key}:w"] = sum(v) / len(v), float(len(v))
         return
-    if agg in ("weighted_perplexity", "bits_per_byte") and isinstance(v, (list, tuple)) and len(v) == 2:
+    if agg == "bits_per_byte" and isinstance(v, (list, tuple)) and len(v) == 2:
         loglik, weight = float(v[0]), float(v[1])
-        if key.startswith("bits_per_byte") and weight > 0:  # the drift measure, paired per document
+        if weight > 0:  # the drift measure, paired per document
             rec[key], rec[f"{key}:w"] = -loglik / (weight * LN2), weight
-    # anything else (a corpus-level metric's (reference, prediction) pair): not a per-document number
+        return
+    if agg == "brier_score" and isinstance(v, (list, tuple)) and len(v) == 2:  # lm-eval: mean over documents
+        gold, probs = v
+        rec[key] = float(sum((p - (i == gold)) ** 2 for i, p in enumerate(probs)))
+        return
+    if agg in corpus.AGGREGATIONS:  # F1, BLEU, perplexity, ...: statistics to sum over resampled documents
+        rec[f"{key}:s"] = [agg, corpus.doc_stats(agg, v)]
 
 
 def raw_responses(out: dict) -> dict:

@@ -82,20 +82,28 @@ def read_json(path: Path):
 def write_samples(path: Path, samples: dict[str, list[dict]]) -> Path:
     """One row per (task, document, filter, metric): what the paired statistics need, nothing more.
     `weight` is set for metrics aggregated as weighted means (bytes for bits_per_byte, instructions
-    for IFEval's instruction-level accuracy); `pred` and `n_choices` (multiple choice) are rows too."""
+    for IFEval's instruction-level accuracy); `pred` and `n_choices` (multiple choice) are rows too.
+    A corpus-level metric's row has no value and, in a `stats` column that only files with such a
+    metric have, JSON [aggregation, the document's statistics] (harness/corpus.py)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(SAMPLE_FIELDS)
+    corpus = any(k.endswith(":s") for records in samples.values() for rec in records for k in rec)
+    writer.writerow(SAMPLE_FIELDS + (("stats",) if corpus else ()))
     for task, records in samples.items():
         for rec in sorted(records, key=lambda r: r["doc_id"]):
             short = (rec.get("doc_hash") or "")[:16]  # 64 bits pair documents safely; keeps files small
             for key in sorted(k for k in rec if k not in RECORD_IDS and not k.endswith(":w")):
                 value = rec[key]
+                if key.endswith(":s"):  # a corpus-level metric: its statistics, summed over resamples later
+                    metric, _, filt = key[:-2].partition(",")
+                    writer.writerow([task, rec["doc_id"], short, filt or "none", metric, "", "",
+                                     json.dumps(value, separators=(",", ":"))])
+                    continue
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
                 metric, _, filt = key.partition(",")
                 writer.writerow([task, rec["doc_id"], short, filt or "none", metric, repr(float(value)),
-                                 repr(float(rec[f"{key}:w"])) if f"{key}:w" in rec else ""])
+                                 repr(float(rec[f"{key}:w"])) if f"{key}:w" in rec else ""] + ([""] if corpus else []))
     return write_text(path, buf.getvalue())
 
 
@@ -119,6 +127,9 @@ def read_samples(path: Path) -> dict[str, list[dict]]:
                 doc_id, {"doc_id": doc_id, "doc_hash": row["doc_hash"] or None})
             if long:
                 key = row["metric"] if row["filter"] in ("none", "") else f"{row['metric']},{row['filter']}"
+                if row.get("stats"):
+                    rec[f"{key}:s"] = json.loads(row["stats"])
+                    continue
                 rec[key] = float(row["value"])
                 if row.get("weight"):
                     rec[f"{key}:w"] = float(row["weight"])

@@ -10,7 +10,7 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import baselines, evalplan, evaluate, models, scoring
+from harness import baselines, corpus, evalplan, evaluate, models, scoring
 from harness.io import log, stop_point
 from harness.planning import Run, input_hash
 from harness.plots import NF4_REFERENCE
@@ -91,13 +91,22 @@ def run_extra(run: evaluate.TaskRun) -> dict:
     return extra
 
 
+def _records_extra(task: str, mirror) -> dict:
+    """A task logging a corpus-level metric (F1, BLEU, ...) stores its documents' statistics
+    (harness/corpus.py, 2026-12-07): entries stored before then lack them, so they are not reused.
+    Other tasks' keys are unchanged."""
+    aggs = evaluate.task_info(task, mirror=mirror)["aggregation"].values()
+    return {"records": "corpus"} if any(a in corpus.AGGREGATIONS for a in aggs) else {}
+
+
 def _baseline_keys(run: Run, quant: dict | None) -> dict[str, dict]:
     mirror, seed = run.plan.mirror, run.plan.task.training.seed
     common_key = dict(model_sha=baselines.model_sha256(run.resolved.path), seed=seed, quant=quant,
                       device=models.device_kind(), dtype=str(models.train_dtype()).removeprefix("torch."))
     run_of = run.run_of
     keys = {t: baselines.key(task=t, task_sha=baselines.task_sha256(t, mirror), limit=run_of[t].limit,
-                             num_fewshot=run_of[t].num_fewshot, **common_key, **run_extra(run_of[t]))
+                             num_fewshot=run_of[t].num_fewshot, **common_key, **run_extra(run_of[t]),
+                             **_records_extra(t, mirror))
             for t in run.eval_tasks}
     if run.ppl_kw is not None:
         t = run.plan.suite.perplexity.task

@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from harness import evalplan, plots, records, stats
+from harness import corpus, evalplan, plots, records, stats
 from harness.io import read_json, read_samples, write_json, write_text
 from harness.render import to_html, to_markdown
 
@@ -163,8 +163,26 @@ BOOKKEEPING = ("doc_id", "doc_hash", "target", "pred", "n_choices")
 
 
 def _metric_keys(records: list[dict]) -> list[str]:
-    """The metrics of a task's records (every record of a task carries the same keys)."""
-    return [k for k in (records[0] if records else {}) if k not in BOOKKEEPING and not k.endswith(":w")]
+    """The metrics of a task's records (every record of a task carries the same keys); a corpus-level
+    metric's are under `<key>:s` (harness/corpus.py)."""
+    return [k.removesuffix(":s") for k in (records[0] if records else {})
+            if k not in BOOKKEEPING and not k.endswith(":w")]
+
+
+def _corpus_pair(base_recs: list[dict], arm_recs: list[dict], metric: str) -> stats.CorpusPair | None:
+    """A corpus-level metric's per-document statistics of both sides, paired by document."""
+    key = f"{metric}:s"
+    b_by, a_by = {r["doc_id"]: r for r in base_recs}, {r["doc_id"]: r for r in arm_recs}
+    common = sorted(d for d in b_by.keys() & a_by.keys() if key in b_by[d] and key in a_by[d])
+    if not common:
+        return None
+    for d in common:
+        hb, ha = b_by[d].get("doc_hash"), a_by[d].get("doc_hash")
+        if hb is not None and ha is not None and hb != ha:
+            raise ValueError(f"doc_hash mismatch for doc_id {d!r}: base {hb!r} vs arm {ha!r}")
+    agg = b_by[common[0]][key][0]
+    Sb, Sa = corpus.matrices(agg, [b_by[d][key][1] for d in common], [a_by[d][key][1] for d in common])
+    return stats.CorpusPair(Sb, Sa, lambda x: corpus.score(agg, x))
 
 
 def _is_proportion(values) -> bool:
@@ -255,6 +273,19 @@ def _compare(base: dict, arm: dict, entries: list[dict], measurable: dict, seed:
         comp["tasks"][task] = {}
         pairs[task] = {}
         for metric in _metric_keys(docs):
+            if f"{metric}:s" in docs[0]:  # a corpus-level metric (F1, BLEU, ...): scored on resampled sums
+                cp = _corpus_pair(base["samples"][task], docs, metric)
+                if cp is None:
+                    continue
+                comp["tasks"][task][metric] = stats.paired_corpus_delta(cp, n_boot=N_BOOT, seed=seed)
+                agg = docs[0][f"{metric}:s"][0]
+                if not all(map(math.isfinite, (comp["tasks"][task][metric]["base"], comp["tasks"][task][metric]["arm"]))):
+                    comp.setdefault("nonfinite", []).append(f"{task} {metric}")
+                    del comp["tasks"][task][metric]
+                    continue
+                comp["tasks"][task][metric]["proportion"] = corpus.is_proportion(agg)
+                pairs[task][metric] = cp
+                continue
             if metric not in (base["samples"][task][:1] or [{}])[0]:
                 continue
             b, a = stats.align(base["samples"][task], docs, metric=metric)
@@ -302,6 +333,9 @@ def _compare(base: dict, arm: dict, entries: list[dict], measurable: dict, seed:
             if role == "suite" and m is not None and not m["above_chance"]:
                 comp["excluded"][e["task"]] = (f"at chance: cannot show forgetting (base {100 * m['score']:.1f} vs "
                                                f"chance {100 * m['chance']:.1f}, p={m['p_value']:.2g})")
+                continue
+            if kind == "group" and any(isinstance(p, stats.CorpusPair) for p in pair.values()):
+                comp["excluded"][e["task"]] = "a group of corpus-level scores: reported beside the score"
                 continue
             if kind == "group":  # a group counts as one entry: its own aggregate's replicates
                 chosen[e["task"]] = _group_pair(pair, w)
@@ -567,7 +601,7 @@ def _score_table(metrics: dict, tasks: list[str], role: str) -> tuple:
         if b is None:
             continue
         comps = [metrics["comparisons"][a]["tasks"].get(task, {}).get(b["metric"]) for a in arms]
-        pct = next((c["proportion"] for c in comps if c and "proportion" in c), True)
+        pct = _in_percent(metrics, task)
         name = task + (" (group)" if b.get("subtasks") else "") + _limit_label(metrics, task, role, short=False)
         row = [name, b["metric"], b["n"], _fmt(b["score"], pct=pct, digits=1 if pct else 4)]
         for a, c in zip(arms, comps):
@@ -576,6 +610,14 @@ def _score_table(metrics: dict, tasks: list[str], role: str) -> tuple:
                     _ci(c, scale=100.0 if pct else 1.0, digits=1 if pct else 4, detectable=True)]
         rows.append(row)
     return ("table", header, rows)
+
+
+def _in_percent(metrics: dict, task: str) -> bool:
+    """Whether a task's counted metric is a proportion, shown in percent (as the comparisons found it;
+    a run without any comparison: yes)."""
+    metric = metrics["arms"]["base"]["tasks"].get(task, {}).get("metric")
+    comps = [c["tasks"].get(task, {}).get(metric) for c in metrics["comparisons"].values()]
+    return next((c["proportion"] for c in comps if c and "proportion" in c), True)
 
 
 def _score_rows(metrics: dict, tasks: list[str], arms: list[str], role: str) -> tuple:
@@ -587,8 +629,7 @@ def _score_rows(metrics: dict, tasks: list[str], arms: list[str], role: str) -> 
     header = ["arm"]
     pct_of = {}
     for t in shown:
-        comps = [metrics["comparisons"][a]["tasks"].get(t, {}).get(base[t]["metric"]) for a in arms]
-        pct_of[t] = next((c["proportion"] for c in comps if c and "proportion" in c), True)
+        pct_of[t] = _in_percent(metrics, t)
         header.append(f"{t}{_limit_label(metrics, t, role, short=True)} {base[t]['metric']}, base "
                       f"{_fmt(base[t]['score'], pct=pct_of[t], digits=1 if pct_of[t] else 4)}")
     rows = []
@@ -1095,9 +1136,14 @@ def _provenance_blocks(metrics: dict, stored: dict) -> list[tuple]:
 
 def _plots(metrics: dict, suite_tasks: list[str], domain_tasks: list[str], run_dir: Path) -> list[tuple]:
     """Draw the plots this run supports; returns (stem, title, alt text, caption) for each."""
-    tasks = suite_tasks + [t for t in domain_tasks if t not in suite_tasks]
+    every = suite_tasks + [t for t in domain_tasks if t not in suite_tasks]
+    # The plots' axes are percent and points: a metric on another scale (bits per byte, BLEU, MCC) is
+    # in the tables only, and the caption says so.
+    tasks = [t for t in every if _in_percent(metrics, t)]
+    left = [t for t in every if t not in tasks and t in metrics["arms"]["base"]["tasks"]]
     plots.scores(metrics, tasks, run_dir)
-    figures = [("scores", "Scores before and after", "scores per task and arm, with 95% CI error bars", "")]
+    figures = [("scores", "Scores before and after", "scores per task and arm, with 95% CI error bars",
+                f"Not a percentage, so in the tables only: {', '.join(left)}." if left else "")]
     short = labels(metrics)
     if any(c["forgetting"] and c["learning"] for c in metrics["comparisons"].values()):
         plots.tradeoff(metrics, run_dir, short)
@@ -1116,7 +1162,8 @@ def _plots(metrics: dict, suite_tasks: list[str], domain_tasks: list[str], run_d
     if len(trained) >= HEATMAP_MIN_ARMS:
         plots.heatmap(metrics, tasks, trained, run_dir, short)
         figures.append(("heatmap", "Δ per task and arm", "task by arm heat map of Δ against the base",
-                        "Colour: Δ in points (blue gain, red loss); * marks a 95% CI that excludes 0."))
+                        "Colour: Δ in points (blue gain, red loss); * marks a 95% CI that excludes 0."
+                        + (f" Not a percentage, so in the tables only: {', '.join(left)}." if left else "")))
     stages = [(a["train"] or {}, a.get("eval_resources") or {}) for a in metrics["arms"].values()]
     gpu = any(x.get("peak_gpu_allocated_bytes") for pair in stages for x in pair)  # one measure for all arms
     key = "peak_gpu_allocated_bytes" if gpu else "peak_rss_bytes"

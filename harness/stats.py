@@ -5,6 +5,9 @@ every comparison here is paired per document:
 
 * ``paired_delta``      -- mean change (arm - base) on one task, percentile
                            paired-bootstrap CI, flip counts and exact McNemar.
+* ``paired_corpus_delta`` -- the same for a corpus-level metric (F1, BLEU, ...):
+                           a function of per-document statistics summed over
+                           the documents, scored on each paired resample.
 * ``aggregate_delta``   -- mean of per-task deltas ("forgetting score") with a
                            stratified paired bootstrap (resampling within task).
 * ``biderman_*``        -- the hellaswag/arc_challenge/winogrande average used
@@ -18,7 +21,8 @@ Pure numpy/scipy; no model or lm-eval imports.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from scipy.stats import binomtest
@@ -27,6 +31,8 @@ __all__ = [
     "BIDERMAN_TASKS",
     "PERPLEXITY_KEYS",
     "paired_delta",
+    "paired_corpus_delta",
+    "CorpusPair",
     "aggregate_delta",
     "biderman_aggregate",
     "biderman_delta",
@@ -184,6 +190,55 @@ def paired_delta(
     return out
 
 
+class CorpusPair(NamedTuple):
+    """One task's corpus-level metric: per-document statistics (documents x k) of each side, paired by
+    row, and the score of a sum of rows (vectorised: (m, k) -> (m,)), e.g. harness/corpus.py's."""
+
+    base: np.ndarray
+    arm: np.ndarray
+    score: Callable[[np.ndarray], np.ndarray]
+
+
+def _boot_corpus(pair: CorpusPair, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """score(arm) - score(base) of ``n_boot`` resamples of documents, the same documents for both
+    sides (each resample is a multinomial count per document, as in _boot_weighted)."""
+    n = pair.base.shape[0]
+    out = np.empty(n_boot)
+    chunk = max(1, min(n_boot, _CHUNK_BYTES // (16 * max(n, pair.base.shape[1]))))
+    for start in range(0, n_boot, chunk):
+        stop = min(start + chunk, n_boot)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=stop - start).astype(float)
+        out[start:stop] = pair.score(counts @ pair.arm) - pair.score(counts @ pair.base)
+    return out
+
+
+def _corpus_means(pair: CorpusPair) -> tuple[float, float]:
+    if pair.base.shape != pair.arm.shape:
+        raise ValueError(f"base and arm differ in shape: base {pair.base.shape}, arm {pair.arm.shape}")
+    if pair.base.shape[0] == 0:
+        raise ValueError("cannot compare zero documents (n == 0)")
+    b, a = pair.score(pair.base.sum(axis=0, keepdims=True)), pair.score(pair.arm.sum(axis=0, keepdims=True))
+    return float(b[0]), float(a[0])
+
+
+def paired_corpus_delta(pair: CorpusPair, *, n_boot: int = 10000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """score(arm) - score(base) on one task for a corpus-level metric, with the percentile paired
+    bootstrap over documents (what sacrebleu's paired bootstrap does for BLEU). No flips: a document
+    has no score of its own."""
+    _check_boot_args(n_boot, alpha)
+    base_score, arm_score = _corpus_means(pair)
+    boot = _boot_corpus(pair, n_boot, np.random.default_rng(seed))
+    ci_low, ci_high = _ci(boot, alpha)
+    return {
+        "n": int(pair.base.shape[0]), "base": base_score, "arm": arm_score, "delta": arm_score - base_score,
+        "ci_low": ci_low, "ci_high": ci_high, "significant": bool(ci_low > 0 or ci_high < 0),
+        "detectable": _detectable_from_se(boot, alpha),
+        "rel_drop_pct": None if base_score == 0 else 100.0 * (base_score - arm_score) / base_score,
+        "forgotten": None, "gained": None, "forgotten_rate": None, "gained_rate": None, "mcnemar_p": None,
+        "corpus": True,
+    }
+
+
 def aggregate_delta(
     pairs: Mapping[str, tuple],
     *,
@@ -197,7 +252,8 @@ def aggregate_delta(
     Each task is a stratum: documents are resampled within it independently
     and the task deltas are averaged per replicate, so every task keeps its
     weight regardless of size (matching how the point estimate is defined).
-    A pair may carry per-document weights as a third element (see paired_delta).
+    A pair may carry per-document weights as a third element (see paired_delta), or be a
+    CorpusPair (see paired_corpus_delta).
     ``task_weights`` (normalised here) give an lm-eval group's aggregate, e.g.
     weighted by subtask size.
     """
@@ -214,6 +270,17 @@ def aggregate_delta(
     boot = np.zeros(n_boot)
     deltas, base_means, arm_means, sizes = [], [], [], {}
     for task, wt in zip(tasks, tw):
+        if isinstance(pairs[task], CorpusPair):  # a corpus-level metric: its score of each resample
+            try:
+                bm, am = _corpus_means(pairs[task])
+            except ValueError as exc:
+                raise ValueError(f"task {task!r}: {exc}") from exc
+            base_means.append(bm)
+            arm_means.append(am)
+            deltas.append(am - bm)
+            sizes[task] = int(pairs[task].base.shape[0])
+            boot += (1.0 if task_weights is None else wt) * _boot_corpus(pairs[task], n_boot, rng)
+            continue
         try:
             b, a = _as_pair(*pairs[task][:2])
         except ValueError as exc:

@@ -264,6 +264,9 @@ def test_free_text_domain_with_group_suite_trains_end_to_end(extra, tmp_path, ti
     # The perplexity task in-domain: bits per byte paired per document, not a percentage.
     bpb = comp["tasks"]["tiny_qa_text"]["bits_per_byte"]
     assert bpb["proportion"] is False and bpb["n"] == 8  # the quick profile's limit
+    # Its word perplexity, a corpus-level figure (exp of the pooled mean), paired by resampling documents.
+    wp = comp["tasks"]["tiny_qa_text"]["word_perplexity"]
+    assert wp["corpus"] and wp["n"] == 8 and wp["base"] == pytest.approx(m["arms"]["base"]["tasks"]["tiny_qa_text"]["all"]["word_perplexity"])
     assert comp["excluded"]["tiny_qa_text"].startswith("not a proportion")
     # KL on WikiText and on the domain prompts, > 0 after training.
     kl = m["arms"]["full"]["kl"]
@@ -272,9 +275,11 @@ def test_free_text_domain_with_group_suite_trains_end_to_end(extra, tmp_path, ti
     report = (run_dir / "report.md").read_text()
     assert "Distribution drift" in report and "tiny_group (group)" in report
     assert "| tiny_qa@answer |" in report or "| tiny_qa@answer (" in report
+    # The plots are in percent: bits per byte is in the tables only, and the captions say so.
+    assert report.count("Not a percentage, so in the tables only: tiny_qa@answer, tiny_qa_text.") == 1  # scores (no heat map: one arm)
     # samples/*.csv: one row per (document, filter, metric).
     rows = (run_dir / "samples/full.csv").read_text().splitlines()
-    assert rows[0] == "task,doc_id,doc_hash,filter,metric,value,weight"
+    assert rows[0] == "task,doc_id,doc_hash,filter,metric,value,weight,stats"  # stats: the perplexity task's
     qa_rows = [r for r in rows if r.startswith("tiny_qa,")]
     assert len(qa_rows) == 8 * 2 and {r.split(",")[3] for r in qa_rows} == {"whole", "first-word"}
 
