@@ -335,9 +335,8 @@ def _compare(base: dict, arm: dict, entries: list[dict], measurable: dict, seed:
                                                f"chance {100 * m['chance']:.1f}, p={m['p_value']:.2g})")
                 continue
             if kind == "group" and any(isinstance(p, stats.CorpusPair) for p in pair.values()):
-                comp["excluded"][e["task"]] = "a group of corpus-level scores: reported beside the score"
-                continue
-            if kind == "group":  # a group counts as one entry: its own aggregate's replicates
+                chosen[e["task"]] = stats.GroupPairs(pair, w)  # its subtasks' corpus scores, weighted
+            elif kind == "group":  # a group counts as one entry: its own aggregate's replicates
                 chosen[e["task"]] = _group_pair(pair, w)
             else:
                 chosen[e["task"]] = pair

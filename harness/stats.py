@@ -33,6 +33,7 @@ __all__ = [
     "paired_delta",
     "paired_corpus_delta",
     "CorpusPair",
+    "GroupPairs",
     "aggregate_delta",
     "biderman_aggregate",
     "biderman_delta",
@@ -239,6 +240,39 @@ def paired_corpus_delta(pair: CorpusPair, *, n_boot: int = 10000, seed: int = 0,
     }
 
 
+class GroupPairs(NamedTuple):
+    """An lm-eval group as one stratum: its subtasks' pairs and their shares of its aggregate (each
+    subtask resampled within itself; the group's replicate is the weighted sum of theirs)."""
+
+    pairs: Mapping[str, tuple]
+    weights: Mapping[str, float]
+
+
+def _stratum(pair, n_boot: int, rng: np.random.Generator) -> tuple[float, float, float, np.ndarray, int]:
+    """(base score, arm score, Δ, bootstrap replicates of the Δ, documents) of one stratum: a pair of
+    per-document arrays (optionally with weights), a CorpusPair, or a GroupPairs."""
+    if isinstance(pair, CorpusPair):  # a corpus-level metric: its score of each resample
+        bm, am = _corpus_means(pair)
+        return bm, am, am - bm, _boot_corpus(pair, n_boot, rng), int(pair.base.shape[0])
+    if isinstance(pair, GroupPairs):
+        total = sum(float(pair.weights[t]) for t in pair.pairs)
+        bm = am = delta = 0.0
+        boot, n = np.zeros(n_boot), 0
+        for t, sub in pair.pairs.items():
+            w = float(pair.weights[t]) / total
+            b_t, a_t, d_t, boot_t, n_t = _stratum(sub, n_boot, rng)
+            bm, am, delta, n = bm + w * b_t, am + w * a_t, delta + w * d_t, n + n_t
+            boot += w * boot_t
+        return bm, am, delta, boot, n
+    b, a = _as_pair(*pair[:2])
+    d = a - b
+    if len(pair) > 2:
+        w = _weights(pair[2], b.size)
+        bm, am = float(w @ b / w.sum()), float(w @ a / w.sum())
+        return bm, am, am - bm, _boot_weighted(d, w, n_boot, rng), int(b.size)
+    return float(b.mean()), float(a.mean()), float(d.mean()), _boot_means(d, n_boot, rng), int(b.size)
+
+
 def aggregate_delta(
     pairs: Mapping[str, tuple],
     *,
@@ -253,7 +287,7 @@ def aggregate_delta(
     and the task deltas are averaged per replicate, so every task keeps its
     weight regardless of size (matching how the point estimate is defined).
     A pair may carry per-document weights as a third element (see paired_delta), or be a
-    CorpusPair (see paired_corpus_delta).
+    CorpusPair (see paired_corpus_delta) or a GroupPairs (a group as one stratum).
     ``task_weights`` (normalised here) give an lm-eval group's aggregate, e.g.
     weighted by subtask size.
     """
@@ -270,35 +304,14 @@ def aggregate_delta(
     boot = np.zeros(n_boot)
     deltas, base_means, arm_means, sizes = [], [], [], {}
     for task, wt in zip(tasks, tw):
-        if isinstance(pairs[task], CorpusPair):  # a corpus-level metric: its score of each resample
-            try:
-                bm, am = _corpus_means(pairs[task])
-            except ValueError as exc:
-                raise ValueError(f"task {task!r}: {exc}") from exc
-            base_means.append(bm)
-            arm_means.append(am)
-            deltas.append(am - bm)
-            sizes[task] = int(pairs[task].base.shape[0])
-            boot += (1.0 if task_weights is None else wt) * _boot_corpus(pairs[task], n_boot, rng)
-            continue
         try:
-            b, a = _as_pair(*pairs[task][:2])
+            bm, am, delta, task_boot, n = _stratum(pairs[task], n_boot, rng)
         except ValueError as exc:
             raise ValueError(f"task {task!r}: {exc}") from exc
-        d = a - b
-        w = pairs[task][2] if len(pairs[task]) > 2 else None
-        if w is None:
-            deltas.append(float(d.mean()))
-            base_means.append(float(b.mean()))
-            arm_means.append(float(a.mean()))
-            task_boot = _boot_means(d, n_boot, rng)
-        else:
-            w = _weights(w, b.size)
-            base_means.append(float(w @ b / w.sum()))
-            arm_means.append(float(w @ a / w.sum()))
-            deltas.append(arm_means[-1] - base_means[-1])
-            task_boot = _boot_weighted(d, w, n_boot, rng)
-        sizes[task] = int(b.size)
+        base_means.append(bm)
+        arm_means.append(am)
+        deltas.append(delta)
+        sizes[task] = n
         if task_weights is None:
             boot += task_boot
         else:

@@ -151,7 +151,7 @@ def test_cached_base_evaluations_of_corpus_tasks_are_keyed_apart(include, mirror
     assert references._records_extra("boolq", mirror) == {}
 
 
-def test_a_group_of_corpus_scores_has_its_weighted_delta_and_is_reported_beside_the_score():
+def test_a_group_of_corpus_scores_counts_with_its_weighted_delta():
     rng = random.Random(9)
 
     def recs(n, acc):
@@ -172,5 +172,10 @@ def test_a_group_of_corpus_scores_has_its_weighted_delta_and_is_reported_beside_
     comp = report._compare(base, arm, [e], {}, seed=0)
     leaf = {t: comp["tasks"][t]["f1"]["delta"] for t in ("l1", "l2")}
     assert comp["tasks"]["g"]["f1"]["delta"] == pytest.approx(0.75 * leaf["l1"] + 0.25 * leaf["l2"])  # by size
-    assert comp["excluded"] == {"g": "a group of corpus-level scores: reported beside the score"}
-    assert comp["forgetting"] is None
+    # F1 is a proportion: the group counts in the forgetting score as one entry, its CI from its
+    # subtasks' paired resamples, each within itself.
+    assert comp["excluded"] == {}
+    f = comp["forgetting"]
+    assert f["delta"] == pytest.approx(comp["tasks"]["g"]["f1"]["delta"]) and f["n"] == {"g": 40}
+    assert (f["ci_low"], f["ci_high"]) == (pytest.approx(comp["tasks"]["g"]["f1"]["ci_low"]),
+                                           pytest.approx(comp["tasks"]["g"]["f1"]["ci_high"]))
