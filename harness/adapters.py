@@ -147,13 +147,7 @@ def scores(plan: evalplan.EvalPlan, ev: dict) -> dict[str, float | None]:
     out = {}
     for e in plan.entries:
         values = {leaf: ev["results"][leaf].get(e.metric) for leaf in e.leaves}
-        if e.kind != "group":
-            out[e.task] = values[e.task]
-        elif None in values.values():
-            out[e.task] = None
-        else:
-            w = evalplan.leaf_weights(e.to_dict(), ev["n"])
-            out[e.task] = sum(w[leaf] * v for leaf, v in values.items())
+        out[e.task] = values[e.task] if e.kind != "group" else evalplan.group_score(e.to_dict(), values, ev["n"])
     return out
 
 

@@ -171,6 +171,14 @@ def leaf_weights(e: dict, sizes: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def group_score(e: dict, scores: dict[str, float | None], sizes: dict[str, int]) -> float | None:
+    """A group's score from its subtasks' (leaf_weights); None where a subtask has none."""
+    if any(v is None for v in scores.values()):
+        return None
+    w = leaf_weights(e, sizes)
+    return sum(w[leaf] * v for leaf, v in scores.items())
+
+
 def _resolve(e: Entry, leaf_settings: dict, *, mirror: Path | None) -> None:
     """Each leaf's settings (one evaluation per leaf), what it logs, and the counted metric checked."""
     settings = (e.num_fewshot, e.chat_template, e.system_instruction, e.fewshot_as_multiturn)

@@ -135,9 +135,7 @@ def _stderr_key(metric: str | None) -> str:
 
 def _group_score(e: dict, tasks: dict) -> dict:
     sizes = {leaf: tasks[leaf]["n"] for leaf in e["leaves"]}
-    w = evalplan.leaf_weights(e, sizes)
-    scores = {leaf: tasks[leaf]["score"] for leaf in e["leaves"]}
-    score = None if any(v is None for v in scores.values()) else sum(w[t] * scores[t] for t in scores)
+    score = evalplan.group_score(e, {leaf: tasks[leaf]["score"] for leaf in e["leaves"]}, sizes)
     return {"metric": e["metric"], "score": score, "stderr": None, "n": sum(sizes.values()), "all": {},
             "subtasks": e["leaves"]}
 
@@ -172,17 +170,12 @@ def _metric_keys(records: list[dict]) -> list[str]:
 def _corpus_pair(base_recs: list[dict], arm_recs: list[dict], metric: str) -> stats.CorpusPair | None:
     """A corpus-level metric's per-document statistics of both sides, paired by document."""
     key = f"{metric}:s"
-    b_by, a_by = {r["doc_id"]: r for r in base_recs}, {r["doc_id"]: r for r in arm_recs}
-    common = sorted(d for d in b_by.keys() & a_by.keys() if key in b_by[d] and key in a_by[d])
-    if not common:
+    rows = [(rb[key], ra[key]) for rb, ra in stats.paired_records(base_recs, arm_recs) if key in rb and key in ra]
+    if not rows:
         return None
-    for d in common:
-        hb, ha = b_by[d].get("doc_hash"), a_by[d].get("doc_hash")
-        if hb is not None and ha is not None and hb != ha:
-            raise ValueError(f"doc_hash mismatch for doc_id {d!r}: base {hb!r} vs arm {ha!r}")
-    agg = b_by[common[0]][key][0]
-    Sb, Sa = corpus.matrices(agg, [b_by[d][key][1] for d in common], [a_by[d][key][1] for d in common])
-    return stats.CorpusPair(Sb, Sa, lambda x: corpus.score(agg, x))
+    agg = rows[0][0][0]
+    sb, sa = corpus.matrices(agg, [b[1] for b, _ in rows], [a[1] for _, a in rows])
+    return stats.CorpusPair(sb, sa, lambda x: corpus.score(agg, x))
 
 
 def _is_proportion(values) -> bool:

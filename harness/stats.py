@@ -412,13 +412,8 @@ def _index_records(records: Sequence[Mapping], side: str) -> dict:
     return by_id
 
 
-def align(
-    base_records: Sequence[Mapping],
-    arm_records: Sequence[Mapping],
-    *,
-    metric: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pair per-document records by ``doc_id`` and return aligned metric arrays.
+def paired_records(base_records: Sequence[Mapping], arm_records: Sequence[Mapping]) -> list[tuple[Mapping, Mapping]]:
+    """The (base, arm) records of the documents both sides scored, by ``doc_id``.
 
     Documents present on only one side are dropped. When both records carry a
     ``doc_hash`` they must agree, otherwise the two runs scored different
@@ -426,16 +421,28 @@ def align(
     """
     base_by_id = _index_records(base_records, "base")
     arm_by_id = _index_records(arm_records, "arm")
-    common = sorted(base_by_id.keys() & arm_by_id.keys())
-    b_vals, a_vals = [], []
-    for doc_id in common:
+    out = []
+    for doc_id in sorted(base_by_id.keys() & arm_by_id.keys()):
         rb, ra = base_by_id[doc_id], arm_by_id[doc_id]
         hb, ha = rb.get("doc_hash"), ra.get("doc_hash")
         if hb is not None and ha is not None and hb != ha:
             raise ValueError(f"doc_hash mismatch for doc_id {doc_id!r}: base {hb!r} vs arm {ha!r}")
+        out.append((rb, ra))
+    return out
+
+
+def align(
+    base_records: Sequence[Mapping],
+    arm_records: Sequence[Mapping],
+    *,
+    metric: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pair per-document records (paired_records) and return aligned metric arrays."""
+    b_vals, a_vals = [], []
+    for rb, ra in paired_records(base_records, arm_records):
         for side, rec in (("base", rb), ("arm", ra)):
             if metric not in rec:
-                raise KeyError(f"metric {metric!r} missing from {side} record doc_id {doc_id!r}")
+                raise KeyError(f"metric {metric!r} missing from {side} record doc_id {rec['doc_id']!r}")
         b_vals.append(float(rb[metric]))
         a_vals.append(float(ra[metric]))
     return np.asarray(b_vals, dtype=float), np.asarray(a_vals, dtype=float)
